@@ -1,0 +1,496 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * xfrmtrace BPF side.
+ *
+ * xt_site runs at every instruction that increments an XFRM statistics
+ * counter (found by the site resolver).  It counts the hit exactly in a
+ * per-CPU map, works out the network namespace, and sends an event with
+ * the packet or flow that caused it through a ring buffer.
+ *
+ * xt_entry runs at the entry of each function that holds sites and
+ * remembers its skb/flowi/net/... arguments, keyed by the stack pointer at
+ * entry.  The resolver knows how deep the stack is at each site, so the site
+ * finds exactly its own invocation's arguments: no thread ids, no guessing.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "xfrm.h"
+
+#define AF_INET		2
+#define AF_INET6	10
+#define NSEC_PER_SEC	1000000000ULL
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile struct xt_config cfg = {};
+
+/* probe address -> site */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XT_MAX_SITES);
+	__type(key, __u64);
+	__type(value, struct xt_site_info);
+} sites SEC(".maps");
+
+/* entry probe address -> func_id */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * XT_MAX_FUNCS);
+	__type(key, __u64);
+	__type(value, __u32);
+} entries SEC(".maps");
+
+/* func_id -> which arguments it has */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XT_MAX_FUNCS);
+	__type(key, __u32);
+	__type(value, struct xt_func_info);
+} funcs SEC(".maps");
+
+/* stack pointer at function entry -> that invocation's arguments */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XT_MAX_FRAMES);
+	__type(key, __u64);
+	__type(value, struct xt_frame);
+} frames SEC(".maps");
+
+/* site_id -> exact hit count */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XT_MAX_SITES);
+	__type(key, __u32);
+	__type(value, __u64);
+} site_counts SEC(".maps");
+
+/* (site_id, netns) -> hit count */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, XT_MAX_NETNS_COUNTS);
+	__type(key, struct xt_netns_key);
+	__type(value, __u64);
+} netns_counts SEC(".maps");
+
+/* enum xt_stat -> count */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XT_STAT_NUM);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* net->mib.xfrm_statistics -> netns inode, learnt from verified events */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} mib_netns SEC(".maps");
+
+struct site_rate {
+	__u64 window_start;
+	__u64 sent;
+};
+
+/* site_id -> events sent in the current one-second window */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XT_MAX_SITES);
+	__type(key, __u32);
+	__type(value, struct site_rate);
+} site_rates SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} events SEC(".maps");
+
+static __always_inline void stat_inc(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+
+	if (v)
+		*v += 1;
+}
+
+/*
+ * Registers are picked by number at run time.  The verifier refuses a
+ * variable offset into the context, so the registers are copied into a
+ * per-CPU map value first, where a bounded variable index is fine.
+ */
+struct saved_regs {
+	__u64 r[XT_REG_DI + 1];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct saved_regs);
+} regs_scratch SEC(".maps");
+
+static __always_inline struct saved_regs *save_regs(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct saved_regs *saved = bpf_map_lookup_elem(&regs_scratch, &zero);
+
+	if (saved && bpf_probe_read_kernel(saved, sizeof(*saved), ctx))
+		return NULL;
+	return saved;
+}
+
+static __always_inline __u64 reg_value(const struct saved_regs *saved, __u8 reg)
+{
+	if (!saved || reg > XT_REG_DI)
+		return 0;
+	return saved->r[reg];
+}
+
+static __always_inline __u64 frame_arg(const struct xt_frame *frame,
+				       const struct xt_func_info *fi, int role)
+{
+	__u8 slot = fi->arg_slot[role & (XT_ARG_NUM - 1)];
+
+	if (!frame || slot >= 6)
+		return 0;
+	return frame->args[slot];
+}
+
+/* True, with the inode in *inum, if @net owns the MIB the site increments. */
+static __always_inline bool net_owns_mib(struct net *net, __u64 mib, __u32 *inum)
+{
+	__u64 ptr;
+
+	if (!net)
+		return false;
+	ptr = (__u64)BPF_CORE_READ(net, mib.xfrm_statistics);
+	if (ptr != mib)
+		return false;
+	*inum = BPF_CORE_READ(net, ns.inum);
+	return true;
+}
+
+struct netns_guess {
+	__u32 inum;
+	__u8 source;
+	__u8 verified;
+};
+
+static __always_inline void try_net(struct netns_guess *g, struct net *net, __u64 mib,
+				    __u8 source)
+{
+	__u32 inum = 0;
+
+	if (g->verified || !net)
+		return;
+	if (net_owns_mib(net, mib, &inum)) {
+		g->inum = inum;
+		g->source = source;
+		g->verified = 1;
+	} else if (!g->inum) {
+		g->inum = BPF_CORE_READ(net, ns.inum);
+		g->source = source;
+	}
+}
+
+/*
+ * The namespace whose counter moved is the one whose net->mib.xfrm_statistics
+ * equals the pointer the site increments through; every candidate is checked
+ * against it, so a verified answer is exact.
+ */
+static __always_inline void find_netns(struct netns_guess *g, const struct saved_regs *regs,
+				       const struct xt_site_info *si, __u64 mib,
+				       struct sk_buff *skb, struct net *net_arg,
+				       struct xfrm_state *x)
+{
+	struct task_struct *task;
+	__u32 *learnt;
+
+	if (si->net_reg != XT_NO_REG)
+		try_net(g, (struct net *)reg_value(regs, si->net_reg), mib, XT_NETNS_SITE_REG);
+	try_net(g, net_arg, mib, XT_NETNS_NET_ARG);
+	if (skb) {
+		struct net_device *dev = BPF_CORE_READ(skb, dev);
+		struct sock *sk = BPF_CORE_READ(skb, sk);
+
+		if (dev)
+			try_net(g, BPF_CORE_READ(dev, nd_net.net), mib, XT_NETNS_SKB_DEV);
+		if (sk)
+			try_net(g, BPF_CORE_READ(sk, __sk_common.skc_net.net), mib, XT_NETNS_SKB_SK);
+	}
+	if (x)
+		try_net(g, BPF_CORE_READ(x, xs_net.net), mib, XT_NETNS_STATE);
+	task = (struct task_struct *)bpf_get_current_task();
+	try_net(g, BPF_CORE_READ(task, nsproxy, net_ns), mib, XT_NETNS_TASK);
+	if (g->verified) {
+		bpf_map_update_elem(&mib_netns, &mib, &g->inum, BPF_ANY);
+		return;
+	}
+	learnt = bpf_map_lookup_elem(&mib_netns, &mib);
+	if (learnt) {
+		g->inum = *learnt;
+		g->source = XT_NETNS_LEARNT;
+		g->verified = 1;
+	}
+}
+
+static __always_inline void count_netns(__u32 site_id, __u32 netns)
+{
+	struct xt_netns_key key = { .site_id = site_id, .netns = netns };
+	__u64 one = 1, *v;
+
+	v = bpf_map_lookup_elem(&netns_counts, &key);
+	if (v) {
+		*v += 1;
+		return;
+	}
+	if (bpf_map_update_elem(&netns_counts, &key, &one, BPF_NOEXIST) == 0)
+		return;
+	/* Another CPU inserted it first, or the map is full. */
+	v = bpf_map_lookup_elem(&netns_counts, &key);
+	if (v)
+		*v += 1;
+	else
+		stat_inc(XT_STAT_NETNS_FULL);
+}
+
+static __always_inline bool rate_limited(__u32 site_id, __u64 now)
+{
+	struct site_rate *r;
+
+	if (!cfg.site_rate_limit)
+		return false;
+	r = bpf_map_lookup_elem(&site_rates, &site_id);
+	if (!r)
+		return false;
+	if (now - r->window_start >= NSEC_PER_SEC) {
+		r->window_start = now;
+		r->sent = 0;
+	}
+	if (r->sent >= cfg.site_rate_limit)
+		return true;
+	r->sent += 1;
+	return false;
+}
+
+static __always_inline void read_skb(struct xt_event *e, struct sk_buff *skb)
+{
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	__u16 network_header = BPF_CORE_READ(skb, network_header);
+	__u32 tail = BPF_CORE_READ(skb, tail);
+	unsigned char *start;
+	long avail;
+	__u32 n;
+
+	e->context = XT_CTX_SKB;
+	e->skb_len = BPF_CORE_READ(skb, len);
+	e->mark = BPF_CORE_READ(skb, mark);
+	e->skb_protocol = BPF_CORE_READ(skb, protocol);
+	if (dev) {
+		e->ifindex = BPF_CORE_READ(dev, ifindex);
+		BPF_CORE_READ_STR_INTO(&e->ifname, dev, name);
+	} else {
+		e->ifindex = BPF_CORE_READ(skb, skb_iif);
+	}
+
+	/* Copy from the L3 header; skbs without one are copied from ->data. */
+	if (network_header != (__u16)~0U) {
+		start = head + network_header;
+	} else {
+		start = BPF_CORE_READ(skb, data);
+		e->flags |= XT_F_PKT_FROM_DATA;
+	}
+	avail = (long)(head + tail - start);
+	if (avail <= 0)
+		return;
+	if (avail > XT_PKT_BYTES) {
+		e->flags |= XT_F_PKT_TRUNCATED;
+		avail = XT_PKT_BYTES;
+	}
+	n = avail;
+	n &= 2 * XT_PKT_BYTES - 1;
+	if (n > XT_PKT_BYTES)
+		n = XT_PKT_BYTES;
+	if (bpf_probe_read_kernel(e->pkt, n, start) == 0)
+		e->pkt_len = n;
+	else
+		e->context_note = XT_NOTE_READ_FAILED;
+}
+
+static __always_inline void read_flow(struct xt_event *e, const struct flowi *fl, __u16 family)
+{
+	e->context = XT_CTX_FLOW;
+	e->flow_family = family;
+	e->flow_oif = BPF_CORE_READ(fl, u.__fl_common.flowic_oif);
+	e->flow_mark = BPF_CORE_READ(fl, u.__fl_common.flowic_mark);
+	e->flow_proto = BPF_CORE_READ(fl, u.__fl_common.flowic_proto);
+	if (family == AF_INET) {
+		BPF_CORE_READ_INTO(e->flow_saddr, fl, u.ip4.saddr);
+		BPF_CORE_READ_INTO(e->flow_daddr, fl, u.ip4.daddr);
+		e->flow_sport = BPF_CORE_READ(fl, u.ip4.uli.ports.sport);
+		e->flow_dport = BPF_CORE_READ(fl, u.ip4.uli.ports.dport);
+		e->flow_spi = BPF_CORE_READ(fl, u.ip4.uli.gre_key);
+	} else if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(e->flow_saddr, fl, u.ip6.saddr);
+		BPF_CORE_READ_INTO(e->flow_daddr, fl, u.ip6.daddr);
+		e->flow_sport = BPF_CORE_READ(fl, u.ip6.uli.ports.sport);
+		e->flow_dport = BPF_CORE_READ(fl, u.ip6.uli.ports.dport);
+		e->flow_spi = BPF_CORE_READ(fl, u.ip6.uli.gre_key);
+	}
+}
+
+static __always_inline __u16 flow_family(const struct xt_frame *frame,
+					 const struct xt_func_info *fi)
+{
+	struct dst_entry *dst;
+
+	if (fi->arg_slot[XT_ARG_FAMILY] < 6)
+		return (__u16)frame_arg(frame, fi, XT_ARG_FAMILY);
+	dst = (struct dst_entry *)frame_arg(frame, fi, XT_ARG_DST);
+	if (dst)
+		return BPF_CORE_READ(dst, ops, family);
+	return 0;
+}
+
+static __always_inline bool filtered_out(const struct xt_event *e)
+{
+	__u32 mark = e->context == XT_CTX_FLOW ? e->flow_mark : e->mark;
+
+	if (cfg.counter_mask && !(cfg.counter_mask & (1ULL << (e->counter & 63))))
+		return true;
+	if (cfg.netns && e->netns != cfg.netns)
+		return true;
+	if (cfg.mark_mask && (e->context == XT_CTX_NONE || (mark & cfg.mark_mask) != cfg.mark_value))
+		return true;
+	return false;
+}
+
+SEC("kprobe")
+int xt_entry(struct pt_regs *ctx)
+{
+	__u64 ip = PT_REGS_IP(ctx) - 1;	/* kprobes report the address after int3 */
+	__u32 *func_id = bpf_map_lookup_elem(&entries, &ip);
+	struct xt_frame frame = {};
+	__u64 sp = ctx->sp;
+
+	if (!func_id)
+		return 0;
+	frame.func_id = *func_id;
+	frame.args[0] = ctx->di;
+	frame.args[1] = ctx->si;
+	frame.args[2] = ctx->dx;
+	frame.args[3] = ctx->cx;
+	frame.args[4] = ctx->r8;
+	frame.args[5] = ctx->r9;
+	bpf_map_update_elem(&frames, &sp, &frame, BPF_ANY);
+	return 0;
+}
+
+SEC("kprobe")
+int xt_site(struct pt_regs *ctx)
+{
+	__u64 ip = PT_REGS_IP(ctx) - 1;
+	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &ip);
+	struct xt_func_info *fi = NULL;
+	struct xt_frame *frame = NULL;
+	struct netns_guess ns = {};
+	struct sk_buff *skb = NULL;
+	struct saved_regs *regs;
+	struct xt_event *e;
+	__u64 mib, now, *count, entry_sp;
+	__u32 site_id;
+	__u8 note = XT_NOTE_OK;
+
+	if (!si) {
+		stat_inc(XT_STAT_UNKNOWN_SITE);
+		return 0;
+	}
+	site_id = si->site_id;
+	count = bpf_map_lookup_elem(&site_counts, &site_id);
+	if (count)
+		*count += 1;
+
+	regs = save_regs(ctx);
+	mib = reg_value(regs, si->mib_reg);
+	if (si->stack_depth < 0) {
+		note = XT_NOTE_DEPTH_UNKNOWN;
+	} else {
+		entry_sp = ctx->sp + (__u64)si->stack_depth;
+		frame = bpf_map_lookup_elem(&frames, &entry_sp);
+		if (!frame || frame->func_id != si->func_id) {
+			frame = NULL;
+			note = XT_NOTE_FRAME_MISSING;
+		}
+	}
+	if (frame) {
+		__u32 fid = si->func_id;
+
+		fi = bpf_map_lookup_elem(&funcs, &fid);
+	}
+	if (frame && !fi)
+		note = XT_NOTE_NO_ARGS;
+	if (fi)
+		skb = (struct sk_buff *)frame_arg(frame, fi, XT_ARG_SKB);
+
+	find_netns(&ns, regs, si, mib, skb,
+		   fi ? (struct net *)frame_arg(frame, fi, XT_ARG_NET) : NULL,
+		   fi ? (struct xfrm_state *)frame_arg(frame, fi, XT_ARG_STATE) : NULL);
+	count_netns(site_id, ns.inum);
+
+	now = bpf_ktime_get_ns();
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(XT_STAT_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, offsetof(struct xt_event, pkt));
+	e->time_ns = now;
+	e->site_addr = ip;
+	e->mib_ptr = mib;
+	e->site_id = site_id;
+	e->counter = si->counter;
+	e->netns = ns.inum;
+	e->netns_source = ns.source;
+	if (ns.verified)
+		e->flags |= XT_F_NETNS_VERIFIED;
+	e->context_note = note;
+	if (skb) {
+		read_skb(e, skb);
+	} else if (fi) {
+		const struct flowi *fl = (const struct flowi *)frame_arg(frame, fi, XT_ARG_FLOW);
+
+		if (fl)
+			read_flow(e, fl, flow_family(frame, fi));
+		else
+			e->context_note = XT_NOTE_NO_ARGS;
+	}
+	if (filtered_out(e)) {
+		stat_inc(XT_STAT_FILTERED);
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	if (rate_limited(site_id, now)) {
+		stat_inc(XT_STAT_SAMPLED);
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	e->cpu = bpf_get_smp_processor_id();
+	e->pid = (__u32)bpf_get_current_pid_tgid();
+	e->tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (cfg.capture_stack) {
+		long n = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);
+
+		if (n > 0) {
+			e->stack_len = n;
+			e->flags |= XT_F_HAS_STACK;
+		}
+	}
+	stat_inc(XT_STAT_EVENTS);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

@@ -1,0 +1,5 @@
+"""``python -m xfrmtrace``."""
+
+from xfrmtrace.cli import main
+
+raise SystemExit(main())

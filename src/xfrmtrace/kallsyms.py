@@ -1,0 +1,153 @@
+"""Kernel symbol table (/proc/kallsyms format): function extents and address lookup."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from xfrmtrace.errors import InputError, PermissionProblem
+
+VMLINUX = "vmlinux"
+PROC_KALLSYMS = Path("/proc/kallsyms")
+
+# Module text is laid out by the module loader; past a module's last text
+# symbol we have no end marker, so we assume at most this much code follows.
+_LAST_SYMBOL_SPAN = 4096
+
+
+@dataclass(frozen=True)
+class Function:
+    """A text symbol and the bytes up to the next symbol of the same object."""
+
+    name: str
+    object: str  # "vmlinux" or module name
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class Kallsyms:
+    """Text symbols of the kernel and its modules, sorted by address."""
+
+    def __init__(self, symbols: list[tuple[int, str, str]], core_text_end: int = 0) -> None:
+        """``symbols``: (address, name, object) of text symbols, any order."""
+        symbols = sorted(set(symbols))
+        self._addrs = [s[0] for s in symbols]
+        self._names = [s[1] for s in symbols]
+        self._objects = [s[2] for s in symbols]
+        self._by_name: dict[tuple[str, str], int] = {}
+        for i, (_addr, name, obj) in enumerate(symbols):
+            self._by_name.setdefault((name, obj), i)
+        self._core_text_end = core_text_end
+
+    # --- loading -----------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Union[str, Path] = PROC_KALLSYMS) -> Kallsyms:
+        """Parse a kallsyms file; the live one needs root to show real addresses."""
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror}") from err
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "kallsyms") -> Kallsyms:
+        symbols: list[tuple[int, str, str]] = []
+        etext = 0
+        nonzero = False
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            try:
+                addr = int(parts[0], 16)
+            except ValueError:
+                continue
+            kind, name = parts[1], parts[2]
+            nonzero = nonzero or addr != 0
+            obj = parts[3].strip("[]") if len(parts) > 3 else VMLINUX
+            if name == "_etext" and obj == VMLINUX:
+                etext = addr
+            if kind in ("t", "T"):
+                # __pfx_ padding symbols (6.2+) are kept: they end the function before.
+                symbols.append((addr, name, obj))
+        if not nonzero:
+            raise PermissionProblem(
+                f"{source} shows only zero addresses: run as root "
+                "(or lower kernel.kptr_restrict)"
+            )
+        if not symbols:
+            raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
+        return cls(symbols, core_text_end=etext)
+
+    # --- queries -----------------------------------------------------------
+
+    def objects(self) -> list[str]:
+        """``vmlinux`` first, then module names in order of appearance."""
+        seen = dict.fromkeys(self._objects)
+        seen.pop(VMLINUX, None)
+        return [VMLINUX, *seen]
+
+    def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
+        """Every text symbol (of one object, if given) with its extent."""
+        for i, name in enumerate(self._names):
+            if obj is not None and self._objects[i] != obj:
+                continue
+            if name.startswith("__pfx_"):
+                continue
+            yield self._function_at(i)
+
+    def find(self, name: str, obj: str = VMLINUX) -> Optional[Function]:
+        """The function named ``name`` in ``obj``."""
+        i = self._by_name.get((name, obj))
+        return None if i is None else self._function_at(i)
+
+    def lookup(self, addr: int) -> Optional[Function]:
+        """The function containing ``addr``, or None."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i < 0:
+            return None
+        func = self._function_at(i)
+        return func if func.start <= addr < func.end else None
+
+    def symbolize(self, addr: int) -> str:
+        """``func+0x1f`` (``[module]`` appended for module text), or the hex address."""
+        func = self.lookup(addr)
+        if func is None:
+            return f"{addr:#x}"
+        text = f"{func.name}+{addr - func.start:#x}"
+        return text if func.object == VMLINUX else f"{text} [{func.object}]"
+
+    def address(self, name: str, obj: str = VMLINUX) -> Optional[int]:
+        i = self._by_name.get((name, obj))
+        return None if i is None else self._addrs[i]
+
+    def core_text_range(self) -> tuple[int, int]:
+        """[_stext, _etext) of vmlinux."""
+        start = self.address("_stext") or self.address("_text")
+        if start is None or not self._core_text_end:
+            raise InputError("kallsyms lacks _stext/_etext: is it a complete kallsyms file?")
+        return start, self._core_text_end
+
+    def _function_at(self, i: int) -> Function:
+        obj = self._objects[i]
+        start = self._addrs[i]
+        j = i + 1
+        # Aliases share an address; the extent runs to the next distinct address.
+        while j < len(self._addrs) and self._addrs[j] == start:
+            j += 1
+        if j < len(self._addrs) and self._objects[j] == obj:
+            end = self._addrs[j]
+        elif obj == VMLINUX and self._core_text_end > start:
+            end = self._core_text_end
+        else:
+            end = start + _LAST_SYMBOL_SPAN
+            if j < len(self._addrs):
+                end = min(end, self._addrs[j])
+        return Function(self._names[i], obj, start, end)

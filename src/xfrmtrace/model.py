@@ -1,0 +1,44 @@
+"""Plain data shared between the resolver, the tracer and the outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Site:
+    """One instruction that increments an XFRM statistics counter."""
+
+    object: str  # "vmlinux" or the module name
+    function: str  # kallsyms symbol that contains the instruction
+    offset: int  # bytes from the symbol's start
+    address: int  # absolute address in the running (or given) kernel
+    counter: str  # /proc/net/xfrm_stat name, e.g. "XfrmInNoStates"
+    counter_index: int  # LINUX_MIB_XFRM* enum value
+    mib_reg: str  # register incremented through, e.g. "rax"
+    net_reg: Optional[str] = None  # register still holding the struct net * at the site
+    stack_depth: Optional[int] = None  # sp(entry) - sp(site) in bytes, None if unknown
+    entry_function: Optional[str] = None  # non-inlined function whose arguments we record
+    instruction: str = ""  # disassembly, for the audit and --output json
+
+    @property
+    def label(self) -> str:
+        """``function+0xoff`` (with ``[module]`` for module sites), as printed in events."""
+        text = f"{self.function}+{self.offset:#x}"
+        return text if self.object == "vmlinux" else f"{text} [{self.object}]"
+
+
+@dataclass
+class FunctionArgs:
+    """Which argument registers of a function hold the values the BPF side records."""
+
+    function: str
+    address: int
+    skb: Optional[int] = None  # argument position 0..5
+    flow: Optional[int] = None
+    net: Optional[int] = None
+    state: Optional[int] = None
+    dst: Optional[int] = None
+    family: Optional[int] = None
+    extra: dict = field(default_factory=dict)
