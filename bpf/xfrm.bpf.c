@@ -416,7 +416,9 @@ int xt_site(struct pt_regs *ctx)
 
 	regs = save_regs(ctx);
 	mib = reg_value(regs, si->mib_reg);
-	if (si->stack_depth < 0) {
+	if (si->func_id >= XT_MAX_FUNCS) {
+		note = XT_NOTE_NO_ARGS;
+	} else if (si->stack_depth < 0) {
 		note = XT_NOTE_DEPTH_UNKNOWN;
 	} else {
 		entry_sp = ctx->sp + (__u64)si->stack_depth;

@@ -1,0 +1,258 @@
+"""Command line: the only module that prints to the terminal or decides the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+from xfrmtrace import __version__
+from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+
+COMMANDS = ("trace", "sites")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Trace every increment of the Linux XFRM (IPsec) error counters in
+/proc/net/xfrm_stat to the kernel site, network namespace and packet behind it.
+
+commands:
+  trace   (default) attach a probe at every counter site and print each increment
+  sites   list the counter sites found in kernel text (live, or offline from files)
+
+Run `xfrmtrace COMMAND --help` for the options of each command."""
+
+
+def _parse_mark(text: str) -> tuple[int, int]:
+    value_text, _, mask_text = text.partition("/")
+    try:
+        value = int(value_text, 0)
+        mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid mark {text!r}: use VALUE or VALUE/MASK, "
+                                         "e.g. 0xd00/0xf00") from None
+    if not (0 <= value <= 0xFFFFFFFF and 0 < mask <= 0xFFFFFFFF):
+        raise argparse.ArgumentTypeError(f"mark {text!r} out of range (32-bit, mask non-zero)")
+    return value, mask
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xfrmtrace", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"xfrmtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    trace = sub.add_parser("trace", help="trace counter increments (default)",
+                           description="Attach a kprobe at every XFRM counter increment site and "
+                           "print one line per increment; Ctrl-C prints a per-counter, per-site "
+                           "summary.")
+    _common_options(trace)
+    out = trace.add_argument_group("output")
+    out.add_argument("--output", choices=("text", "json"), default="text",
+                     help="event format: text lines or one JSON object per line (default text)")
+    out.add_argument("--output-stack", action="store_true",
+                     help="add the kernel stack of each increment")
+    filt = trace.add_argument_group("filters (counts stay exact; only events are filtered)")
+    filt.add_argument("--filter-counter", metavar="NAME[,NAME]",
+                      help="only these counters, e.g. XfrmInNoStates,XfrmOutNoStates")
+    filt.add_argument("--filter-netns", metavar="INODE|NAME",
+                      help="only this network namespace (inode, or name under /run/netns)")
+    filt.add_argument("--filter-mark", metavar="VALUE[/MASK]", type=_parse_mark,
+                      help="only packets/flows whose mark matches, e.g. 0xd00/0xf00")
+    run = trace.add_argument_group("run")
+    run.add_argument("--duration", type=float, metavar="SECONDS",
+                     help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
+    run.add_argument("--rate-limit", type=_positive_int, default=0, metavar="N",
+                     help="at most N events per site per second (0: no limit); counts stay exact")
+    run.add_argument("--ringbuf-size", type=_positive_int, default=4, metavar="MIB",
+                     help="ring buffer size in MiB (default 4)")
+    run.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+
+    sites = sub.add_parser("sites", help="list counter increment sites",
+                           description="List every instruction that increments an XFRM "
+                           "counter, from the running kernel or offline from a vmlinux file "
+                           "and a kallsyms file of the same build.")
+    _common_options(sites)
+    sites.add_argument("--output", choices=("text", "json"), default="text",
+                       help="table or JSON array (default text)")
+    sites.add_argument("--vmlinux", type=Path, metavar="FILE",
+                       help="uncompressed vmlinux with .BTF (offline; needs --kallsyms)")
+    sites.add_argument("--kallsyms", type=Path, metavar="FILE",
+                       help="kallsyms of a running instance of that kernel (offline)")
+    sites.add_argument("--audit", action="store_true",
+                       help="list every gs-relative increment with how it was classified")
+    return parser
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="site cache directory (default /var/cache/xfrmtrace as root)")
+    parser.add_argument("--no-cache", action="store_true", help="resolve sites from scratch")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens (twice: debug)")
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version")):
+        return argv
+    return ["trace", *argv]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="xfrmtrace: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "sites":
+            return _cmd_sites(args, sys.stdout)
+        return _cmd_trace(args, sys.stdout)
+    except XfrmtraceError as err:
+        print(f"xfrmtrace: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback, unless asked
+        if args.verbose >= 2:
+            raise
+        print(f"xfrmtrace: internal error: {type(err).__name__}: {err} "
+              "(run with -vv for a traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# --- sites ---------------------------------------------------------------------------------
+
+
+def _site_cache(args: argparse.Namespace):  # -> Optional[SiteCache]
+    from xfrmtrace.sitecache import SiteCache, default_cache_dir
+
+    if args.no_cache:
+        return None
+    return SiteCache(args.cache_dir or default_cache_dir())
+
+
+def _open_view(args: argparse.Namespace):  # -> KernelView
+    from xfrmtrace import discovery, preflight
+
+    if getattr(args, "vmlinux", None) or getattr(args, "kallsyms", None):
+        if not (args.vmlinux and args.kallsyms):
+            raise InputError("offline resolution needs both --vmlinux FILE and --kallsyms FILE")
+        return discovery.open_offline(args.vmlinux, args.kallsyms)
+    preflight.check_privileges()
+    preflight.check_btf()
+    return discovery.open_live()
+
+
+def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
+    from xfrmtrace import discovery
+
+    view = _open_view(args)
+    try:
+        resolution = discovery.resolve_sites(view, cache=_site_cache(args))
+    finally:
+        view.close()
+    if args.output == "json":
+        records = resolution.audit if args.audit else resolution.sites
+        json.dump([asdict(r) for r in records], out, indent=1)
+        out.write("\n")
+        return 0
+    if args.audit:
+        for a in resolution.audit:
+            print(f"{a.classification:8s} {a.function}+{a.offset:#x} [{a.object}] "
+                  f"{a.instruction:40s} {a.counter or '':24s} {a.reason}", file=out)
+        return 0
+    print(f"{'COUNTER':26s} {'SITE':48s} {'ADDRESS':18s} INSTRUCTION", file=out)
+    for s in resolution.sites:
+        print(f"{s.counter:26s} {s.label:48s} {s.address:#018x} {s.instruction}", file=out)
+    print(f"{len(resolution.sites)} sites in {len({s.object for s in resolution.sites})} "
+          "objects", file=out)
+    return 0
+
+
+# --- trace ---------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the poll loop checks it between polls."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.stopped = True
+
+
+def _counter_filter(text: Optional[str], counters: dict[int, str]) -> Optional[set[int]]:
+    if not text:
+        return None
+    by_name = {name.lower(): index for index, name in counters.items()}
+    wanted = set()
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name.lower() not in by_name:
+            raise InputError(f"unknown counter {name!r}; this kernel has: "
+                             + ", ".join(counters[i] for i in sorted(counters)))
+        wanted.add(by_name[name.lower()])
+    return wanted
+
+
+def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
+    from xfrmtrace import discovery, preflight
+    from xfrmtrace.output import summary as summary_out
+    from xfrmtrace.session import SessionOptions, TraceSession
+
+    preflight.check_tracing()
+    options = SessionOptions(
+        output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
+        filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_mib=args.ringbuf_size,
+        ready_file=args.ready_file)
+    # Status lines go to stdout with text output, to stderr when stdout carries JSON.
+    status_stream = sys.stderr if args.output == "json" else out
+
+    def status(line: str) -> None:
+        print(line, file=status_stream, flush=True)
+
+    stop = _StopFlag()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    view = discovery.open_live()
+    try:
+        resolution = discovery.resolve_sites(view, cache=_site_cache(args))
+        if not resolution.sites:
+            raise KernelFeatureMissing("no XFRM counter increment sites found in kernel text: "
+                                       "run `xfrmtrace sites --audit` to see why")
+        session = TraceSession(view, resolution.sites, options, out, status)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        summary = session.run(stop, deadline,
+                              _counter_filter(args.filter_counter, view.model.counters))
+        netns_names = session.netns_names
+    finally:
+        view.close()
+    if args.output == "json":
+        out.write(summary_out.format_json(summary, netns_names) + "\n")
+    else:
+        out.write(summary_out.format_text(summary, netns_names))
+    out.flush()
+    return 0

@@ -1,0 +1,157 @@
+"""Everything the tracer needs to know about a kernel before attaching.
+
+Live: /proc/kallsyms + /proc/kcore + /sys/kernel/btf.  Offline: a vmlinux
+file (its .BTF section) + a kallsyms file from the same kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from xfrmtrace import counters as counters_mod
+from xfrmtrace.btf import Btf
+from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing
+from xfrmtrace.funcargs import function_args
+from xfrmtrace.kallsyms import VMLINUX, Kallsyms
+from xfrmtrace.ktext import TextReader, open_kcore, open_vmlinux, vmlinux_has_btf
+from xfrmtrace.model import FunctionArgs, Site
+from xfrmtrace.sitecache import SiteCache, kernel_build_id, module_build_id
+from xfrmtrace.sites import Resolution, SiteResolver
+
+MIB_MEMBER = ("net", "mib.xfrm_statistics")
+
+
+@dataclass
+class KernelModel:
+    """BTF-derived facts: where the XFRM MIB pointer lives and what counters exist."""
+
+    btf: Btf
+    mib_offset: int
+    counters: dict[int, str]  # LINUX_MIB_XFRM* value -> /proc name
+
+
+def kernel_model(btf: Btf, proc_names: Optional[list[str]] = None) -> KernelModel:
+    """Read the MIB offset and counter enum; missing ones mean no XFRM statistics."""
+    try:
+        offset = btf.member_offset(*MIB_MEMBER)
+    except BtfLookupError as err:
+        raise KernelFeatureMissing(
+            "kernel has no XFRM statistics (struct net has no mib.xfrm_statistics): "
+            "it was built without CONFIG_XFRM_STATISTICS"
+        ) from err
+    try:
+        enum = btf.enum_values(counters_mod.ENUM_SENTINEL)
+    except BtfLookupError as err:
+        raise KernelFeatureMissing(
+            "kernel BTF has no LINUX_MIB_XFRM* counters: built without CONFIG_XFRM_STATISTICS"
+        ) from err
+    names = counters_mod.counter_names(enum, proc_names or ())
+    return KernelModel(btf=btf, mib_offset=offset, counters=names)
+
+
+@dataclass
+class KernelView:
+    """A kernel to trace or inspect: symbols, text and BTF, live or from files."""
+
+    syms: Kallsyms
+    text: TextReader
+    model: KernelModel
+    live: bool
+    source: str
+
+    def close(self) -> None:
+        self.text.close()
+        self.model.btf.close()
+
+
+def open_live() -> KernelView:
+    """The running kernel (needs root)."""
+    btf = Btf.vmlinux()
+    try:
+        model = kernel_model(btf, counters_mod.read_proc_names())
+        syms = Kallsyms.load()
+        text = open_kcore()
+    except BaseException:
+        btf.close()
+        raise
+    return KernelView(syms, text, model, live=True, source="running kernel")
+
+
+def open_offline(vmlinux: Union[str, Path], kallsyms: Union[str, Path]) -> KernelView:
+    """A vmlinux file plus the kallsyms of a running instance of the same build."""
+    if not vmlinux_has_btf(vmlinux):
+        raise InputError(f"{vmlinux} has no .BTF section: give the uncompressed vmlinux of a "
+                         "kernel built with CONFIG_DEBUG_INFO_BTF")
+    syms = Kallsyms.load(kallsyms)
+    btf = Btf.from_file(vmlinux)
+    try:
+        model = kernel_model(btf)
+        text = open_vmlinux(vmlinux, syms.address("_text") or syms.address("_stext"))
+    except BaseException:
+        btf.close()
+        raise
+    probe = syms.core_text_range()[0]
+    if not text.read(probe, 1):
+        text.close()
+        btf.close()
+        raise InputError(f"{kallsyms} does not match {vmlinux}: _stext is not in its text")
+    return KernelView(syms, text, model, live=False, source=str(vmlinux))
+
+
+def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
+                  cache: Optional[SiteCache] = None) -> Resolution:
+    """Sites of ``objects`` (default: vmlinux + every module), from the cache when valid."""
+    names = objects if objects is not None else view.syms.objects()
+    if not view.live:
+        names = [VMLINUX]  # offline we only have the vmlinux file's bytes
+    resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
+                            view.model.counters)
+    result = Resolution()
+    for obj in names:
+        build_id = _build_id(view, obj)
+        part = cache.load(obj, build_id, view) if cache and build_id else None
+        if part is None:
+            part = resolver.resolve([obj])
+            if cache and build_id:
+                cache.store(obj, build_id, part)
+        result.sites.extend(part.sites)
+        result.audit.extend(part.audit)
+    result.sites.sort(key=lambda s: s.address)
+    return result
+
+
+def _build_id(view: KernelView, obj: str) -> Optional[str]:
+    if not view.live:
+        return None
+    return kernel_build_id() if obj == VMLINUX else module_build_id(obj)
+
+
+def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs]:
+    """Argument roles of each distinct entry function among ``sites``."""
+    result: list[FunctionArgs] = []
+    module_btf: dict[str, Optional[Btf]] = {}
+    seen: set[tuple[str, str]] = set()
+    try:
+        for site in sites:
+            if site.entry_function is None or (site.object, site.entry_function) in seen:
+                continue
+            seen.add((site.object, site.entry_function))
+            btf: Optional[Btf] = view.model.btf
+            if site.object != VMLINUX:
+                if site.object not in module_btf:
+                    module_btf[site.object] = Btf.module(site.object, view.model.btf)
+                btf = module_btf[site.object] or view.model.btf
+            address = view.syms.address(site.entry_function, site.object)
+            if btf is None or address is None:
+                continue
+            args = function_args(btf, site.entry_function, address)
+            if args is not None:
+                args.extra["object"] = site.object
+                result.append(args)
+    finally:
+        for mod_btf in module_btf.values():
+            if mod_btf is not None:
+                mod_btf.close()
+    return result

@@ -1,0 +1,256 @@
+"""Load the BPF object, attach it at every site, and hand over raw events.
+
+One program (``xt_site``) is attached at every site and one (``xt_entry``) at
+the entry of every function whose arguments we record.  Both identify the
+probe that fired by its address, so no per-attachment cookie is needed
+(kprobe cookies only arrived in Linux 5.15; the matrix starts at 5.10).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from xfrmtrace import abi
+from xfrmtrace.libbpf import BpfObject, Link, RingBuffer, kprobe_pmu_available
+from xfrmtrace.model import FunctionArgs, Site
+
+log = logging.getLogger("xfrmtrace.tracer")
+
+BPF_OBJECT = Path(__file__).parent / "bpf" / "xfrm.bpf.o"
+
+# With IBT (CONFIG_X86_KERNEL_IBT) a kprobe on a function's first byte is
+# moved past the 4-byte endbr64, so entry probes may report either address.
+_ENDBR64_SIZE = 4
+
+_REGISTERS = {
+    "r15": abi.XtReg.R15, "r14": abi.XtReg.R14, "r13": abi.XtReg.R13, "r12": abi.XtReg.R12,
+    "rbp": abi.XtReg.BP, "rbx": abi.XtReg.BX, "r11": abi.XtReg.R11, "r10": abi.XtReg.R10,
+    "r9": abi.XtReg.R9, "r8": abi.XtReg.R8, "rax": abi.XtReg.AX, "rcx": abi.XtReg.CX,
+    "rdx": abi.XtReg.DX, "rsi": abi.XtReg.SI, "rdi": abi.XtReg.DI,
+}
+
+_ROLES = {
+    "skb": abi.XtArgRole.SKB, "flow": abi.XtArgRole.FLOW, "net": abi.XtArgRole.NET,
+    "state": abi.XtArgRole.STATE, "dst": abi.XtArgRole.DST, "family": abi.XtArgRole.FAMILY,
+}
+
+
+@dataclass
+class TraceConfig:
+    """What the BPF side reports; zero/None means "everything"."""
+
+    counter_indices: Optional[set[int]] = None
+    netns: int = 0
+    mark_value: int = 0
+    mark_mask: int = 0
+    capture_stack: bool = False
+    site_rate_limit: int = 0
+    ringbuf_bytes: int = 4 << 20
+
+    def to_abi(self) -> abi.XtConfig:
+        mask = 0
+        for index in self.counter_indices or ():
+            mask |= 1 << (index & 63)
+        return abi.XtConfig(
+            counter_mask=mask,
+            netns=self.netns,
+            mark_value=self.mark_value & self.mark_mask,
+            mark_mask=self.mark_mask,
+            capture_stack=int(self.capture_stack),
+            site_rate_limit=self.site_rate_limit,
+        )
+
+
+@dataclass
+class AttachReport:
+    """Which probes are in place."""
+
+    sites_attached: int = 0
+    sites_failed: list[tuple[Site, str]] = field(default_factory=list)
+    entries_attached: int = 0
+    entries_failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def sites_expected(self) -> int:
+        return self.sites_attached + len(self.sites_failed)
+
+
+class Tracer:
+    """Owns the BPF object, its probes and its ring buffer."""
+
+    def __init__(self, sites: list[Site], functions: list[FunctionArgs], config: TraceConfig,
+                 object_path: Path = BPF_OBJECT) -> None:
+        self.sites = list(sites)
+        self.functions = list(functions)
+        self.config = config
+        self._object_path = object_path
+        self._obj: Optional[BpfObject] = None
+        self._links: list[Link] = []
+        self._ring: Optional[RingBuffer] = None
+        self._func_ids = {(f.extra.get("object", "vmlinux"), f.function): i
+                          for i, f in enumerate(self.functions)}
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open and load the object, then fill the site and function maps."""
+        obj = BpfObject.open_file(self._object_path)
+        self._obj = obj
+        obj.set_rodata("cfg", bytes(self.config.to_abi()))
+        obj.map("events").set_max_entries(_power_of_two(self.config.ringbuf_bytes))
+        obj.load()
+        self._fill_functions()
+        self._fill_sites()
+
+    def _fill_functions(self) -> None:
+        assert self._obj is not None
+        entries, funcs = self._obj.map("entries"), self._obj.map("funcs")
+        for func_id, func in enumerate(self.functions):
+            info = abi.XtFuncInfo(func_id=func_id)
+            for i in range(abi.XtArgRole.NUM):
+                info.arg_slot[i] = abi.XT_NO_ARG
+            for name, role in _ROLES.items():
+                position = getattr(func, name)
+                if position is not None:
+                    info.arg_slot[role] = position
+            funcs.update(_u32(func_id), bytes(info))
+            for address in (func.address, func.address + _ENDBR64_SIZE):
+                entries.update(_u64(address), _u32(func_id))
+
+    def _fill_sites(self) -> None:
+        assert self._obj is not None
+        sites_map = self._obj.map("sites")
+        for site_id, site in enumerate(self.sites):
+            info = abi.XtSiteInfo(
+                stack_depth=abi.XT_DEPTH_UNKNOWN if site.stack_depth is None
+                else site.stack_depth,
+                site_id=site_id,
+                counter=site.counter_index,
+                func_id=self._func_ids.get((site.object, site.entry_function or ""),
+                                           0xFFFFFFFF),
+                mib_reg=_REGISTERS[site.mib_reg],
+                net_reg=_REGISTERS.get(site.net_reg or "", abi.XT_NO_REG),
+            )
+            sites_map.update(_u64(site.address), bytes(info))
+
+    def attach(self) -> AttachReport:
+        """Attach entry probes first, so the first site hit already finds its frame."""
+        assert self._obj is not None
+        report = AttachReport()
+        by_address = kprobe_pmu_available()
+        entry_prog = self._obj.program("xt_entry")
+        for func in self.functions:
+            try:
+                self._links.append(_attach(entry_prog, func.function, 0, func.address,
+                                           by_address))
+                report.entries_attached += 1
+            except OSError as err:
+                report.entries_failed.append((func.function, err.strerror or str(err)))
+                log.info("no argument recording for %s: %s", func.function, err)
+        site_prog = self._obj.program("xt_site")
+        for site in self.sites:
+            try:
+                self._links.append(_attach(site_prog, site.function, site.offset, site.address,
+                                           by_address))
+                report.sites_attached += 1
+            except OSError as err:
+                report.sites_failed.append((site, err.strerror or str(err)))
+        return report
+
+    def open_ring_buffer(self, callback: Callable[[bytes], None]) -> None:
+        assert self._obj is not None
+        self._ring = RingBuffer(self._obj.map("events"), callback)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> int:
+        """Deliver pending events to the callback; returns how many."""
+        assert self._ring is not None
+        return self._ring.poll(timeout_ms)
+
+    def drain(self) -> int:
+        """Deliver everything still in the ring buffer (after detaching)."""
+        return self._ring.consume() if self._ring is not None else 0
+
+    def detach(self) -> None:
+        """Remove every probe; counts and queued events stay readable."""
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+
+    def site_counts(self) -> dict[int, int]:
+        """site_id -> exact number of increments seen (all CPUs)."""
+        assert self._obj is not None
+        counts_map = self._obj.map("site_counts")
+        counts = {}
+        for site_id in range(len(self.sites)):
+            values = counts_map.lookup_percpu(_u32(site_id)) or []
+            counts[site_id] = sum(int.from_bytes(v[:8], "little") for v in values)
+        return counts
+
+    def netns_counts(self) -> dict[tuple[int, int], int]:
+        """(site_id, netns inode) -> increments."""
+        assert self._obj is not None
+        counts_map = self._obj.map("netns_counts")
+        result = {}
+        for key in counts_map.keys():
+            parsed = abi.XtNetnsKey.from_buffer_copy(key)
+            values = counts_map.lookup_percpu(key) or []
+            result[(parsed.site_id, parsed.netns)] = sum(
+                int.from_bytes(v[:8], "little") for v in values)
+        return result
+
+    def stats(self) -> dict[str, int]:
+        """enum xt_stat name (lower case) -> count."""
+        assert self._obj is not None
+        stats_map = self._obj.map("stats")
+        result = {}
+        for stat in abi.XtStat:
+            if stat.name == "NUM":
+                continue
+            values = stats_map.lookup_percpu(_u32(stat)) or []
+            result[stat.name.lower()] = sum(int.from_bytes(v[:8], "little") for v in values)
+        return result
+
+    def close(self) -> None:
+        """Detach and free everything; safe to call twice."""
+        self.detach()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attach(prog, function: str, offset: int, address: int, by_address: bool) -> Link:
+    """Attach at an absolute address when possible: names can be ambiguous across modules."""
+    if by_address:
+        return prog.attach_kprobe(None, address)
+    return prog.attach_kprobe(function, offset)
+
+
+def _power_of_two(n: int) -> int:
+    """Ring buffers must be a power-of-two number of pages."""
+    size = 4096
+    while size < n:
+        size <<= 1
+    return size
+
+
+def _u32(value: int) -> bytes:
+    return ctypes.c_uint32(value).value.to_bytes(4, "little")
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "little")
