@@ -26,6 +26,9 @@ char LICENSE[] SEC("license") = "GPL";
 
 const volatile struct xt_config cfg = {};
 
+/* Ring buffer records are untyped: this puts struct xt_event into the object's BTF. */
+const struct xt_event *unused_xt_event __attribute__((unused));
+
 /* probe address -> site */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -329,14 +332,15 @@ static __always_inline void read_flow(struct xt_event *e, const struct flowi *fl
 	e->flow_mark = BPF_CORE_READ(fl, u.__fl_common.flowic_mark);
 	e->flow_proto = BPF_CORE_READ(fl, u.__fl_common.flowic_proto);
 	if (family == AF_INET) {
-		BPF_CORE_READ_INTO(e->flow_saddr, fl, u.ip4.saddr);
-		BPF_CORE_READ_INTO(e->flow_daddr, fl, u.ip4.daddr);
+		/* BPF_CORE_READ_INTO would copy sizeof(*dst) == 1 byte into the arrays. */
+		bpf_core_read(e->flow_saddr, sizeof(fl->u.ip4.saddr), &fl->u.ip4.saddr);
+		bpf_core_read(e->flow_daddr, sizeof(fl->u.ip4.daddr), &fl->u.ip4.daddr);
 		e->flow_sport = BPF_CORE_READ(fl, u.ip4.uli.ports.sport);
 		e->flow_dport = BPF_CORE_READ(fl, u.ip4.uli.ports.dport);
 		e->flow_spi = BPF_CORE_READ(fl, u.ip4.uli.gre_key);
 	} else if (family == AF_INET6) {
-		BPF_CORE_READ_INTO(e->flow_saddr, fl, u.ip6.saddr);
-		BPF_CORE_READ_INTO(e->flow_daddr, fl, u.ip6.daddr);
+		bpf_core_read(e->flow_saddr, sizeof(fl->u.ip6.saddr), &fl->u.ip6.saddr);
+		bpf_core_read(e->flow_daddr, sizeof(fl->u.ip6.daddr), &fl->u.ip6.daddr);
 		e->flow_sport = BPF_CORE_READ(fl, u.ip6.uli.ports.sport);
 		e->flow_dport = BPF_CORE_READ(fl, u.ip6.uli.ports.dport);
 		e->flow_spi = BPF_CORE_READ(fl, u.ip6.uli.gre_key);

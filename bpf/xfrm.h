@@ -150,7 +150,7 @@ struct xt_event {
 	/* flow (XT_CTX_FLOW) */
 	__u32 flow_mark;
 	__u32 flow_oif;
-	__u32 flow_spi;		/* first 4 bytes of flowi uli: the SPI of ESP/AH flows */
+	__u32 flow_spi;		/* first 4 bytes of flowi uli (SPI of ESP/AH flows), network order */
 	__u32 stack_len;	/* bytes valid in stack[] */
 	__u8 flow_saddr[16];
 	__u8 flow_daddr[16];

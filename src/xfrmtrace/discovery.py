@@ -6,6 +6,8 @@ file (its .BTF section) + a kallsyms file from the same kernel.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -19,6 +21,8 @@ from xfrmtrace.ktext import TextReader, open_kcore, open_vmlinux, vmlinux_has_bt
 from xfrmtrace.model import FunctionArgs, Site
 from xfrmtrace.sitecache import SiteCache, kernel_build_id, module_build_id
 from xfrmtrace.sites import Resolution, SiteResolver
+
+log = logging.getLogger("xfrmtrace.discovery")
 
 MIB_MEMBER = ("net", "mib.xfrm_statistics")
 
@@ -68,6 +72,7 @@ class KernelView:
 
 def open_live() -> KernelView:
     """The running kernel (needs root)."""
+    started = time.monotonic()
     btf = Btf.vmlinux()
     try:
         model = kernel_model(btf, counters_mod.read_proc_names())
@@ -76,6 +81,7 @@ def open_live() -> KernelView:
     except BaseException:
         btf.close()
         raise
+    log.info("kernel BTF, kallsyms and kcore opened (%.2fs)", time.monotonic() - started)
     return KernelView(syms, text, model, live=True, source="running kernel")
 
 
@@ -110,12 +116,17 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
                             view.model.counters)
     result = Resolution()
     for obj in names:
+        started = time.monotonic()
         build_id = _build_id(view, obj)
         part = cache.load(obj, build_id, view) if cache and build_id else None
+        how = "from cache"
         if part is None:
             part = resolver.resolve([obj])
+            how = "resolved"
             if cache and build_id:
                 cache.store(obj, build_id, part)
+        log.info("%s: %d sites %s (%.2fs)", obj, len(part.sites), how,
+                 time.monotonic() - started)
         result.sites.extend(part.sites)
         result.audit.extend(part.audit)
     result.sites.sort(key=lambda s: s.address)

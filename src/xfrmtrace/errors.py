@@ -42,3 +42,7 @@ class BtfLookupError(XfrmtraceError, LookupError):
     Raised by ``btf.Btf``; callers decide what the absence means (e.g. "struct net has no
     mib.xfrm_statistics" becomes KernelFeatureMissing for CONFIG_XFRM_STATISTICS).
     """
+
+
+class DecodeError(XfrmtraceError):
+    """A record from the kernel (ring-buffer event) is too short or otherwise undecodable."""

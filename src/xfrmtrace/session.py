@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from xfrmtrace.model import Site
 from xfrmtrace.netns import NetnsNames
 from xfrmtrace.output import jsonl, text
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
+
+log = logging.getLogger("xfrmtrace.session")
 
 _POLL_MS = 200
 
@@ -111,13 +114,16 @@ class TraceSession:
     def run(self, stop: StopFlag, deadline: Optional[float] = None,
             counter_filter: Optional[set[int]] = None) -> Summary:
         """Trace until ``stop.stopped`` or ``deadline`` (monotonic seconds)."""
+        started = time.monotonic()
         functions = function_arguments(self._view, self._sites)
         tracer = Tracer(self._sites, functions, self._config(counter_filter))
-        started = time.monotonic()
         try:
             tracer.load()
+            log.info("BPF object loaded (%.2fs)", time.monotonic() - started)
             tracer.open_ring_buffer(self._on_event(self._decoder()))
             report = tracer.attach()
+            log.info("%d site and %d entry probes attached (%.2fs)", report.sites_attached,
+                     report.entries_attached, time.monotonic() - started)
             self._report_attach(report)
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
