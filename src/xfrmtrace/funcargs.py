@@ -31,7 +31,7 @@ class Param(Protocol):
 
 
 class FunctionPrototypes(Protocol):
-    def func_params(self, name: str) -> Optional[Sequence[Param]]: ...
+    def func_params(self, func_name: str) -> Optional[Sequence[Param]]: ...
 
 
 def _normalize(type_text: str) -> str:

@@ -77,13 +77,13 @@ class Kallsyms:
             if kind in ("t", "T"):
                 # __pfx_ padding symbols (6.2+) are kept: they end the function before.
                 symbols.append((addr, name, obj))
+        if not symbols:
+            raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
         if not nonzero:
             raise PermissionProblem(
                 f"{source} shows only zero addresses: run as root "
                 "(or lower kernel.kptr_restrict)"
             )
-        if not symbols:
-            raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
         return cls(symbols, core_text_end=etext)
 
     # --- queries -----------------------------------------------------------

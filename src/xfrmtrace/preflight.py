@@ -51,8 +51,9 @@ def missing_capabilities(caps: int) -> list[str]:
 def check_privileges() -> None:
     missing = missing_capabilities(effective_capabilities())
     if missing:
-        who = "root" if os.geteuid() != 0 else "these capabilities"
-        raise PermissionProblem(f"xfrmtrace must run as {who}: missing {', '.join(missing)}")
+        who = "not root, and" if os.geteuid() != 0 else "running as root but"
+        raise PermissionProblem(f"xfrmtrace needs root privileges ({who} missing "
+                                f"{', '.join(missing)}): run it with sudo")
 
 
 def check_kprobes() -> None:

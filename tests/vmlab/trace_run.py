@@ -38,8 +38,8 @@ def fast_capstone_env() -> Dict[str, str]:
     return {**os.environ, "LIBCAPSTONE_PATH": str(dst)}
 
 
-def tool_command(out: Path, extra: List[str]) -> List[str]:
-    return [str(Path(sys.executable).parent / "xfrmtrace"), "trace", "--output", "json",
+def tool_command(out: Path, extra: List[str], output: str = "json") -> List[str]:
+    return [str(Path(sys.executable).parent / "xfrmtrace"), "trace", "--output", output,
             "--ready-file", str(out / "ready"), "--cache-dir", "/tmp/xfrmtrace-cache", *extra]
 
 
@@ -100,13 +100,13 @@ SCENARIOS: Dict[str, Callable[[ipsec.Lab, int], dict]] = {
 
 
 def run(out: Path, scenarios: List[str], count: int, extra: List[str],
-        ns_prefix: str = "xt") -> dict:
+        ns_prefix: str = "xt", output: str = "json") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ready").unlink(missing_ok=True)
     started = time.monotonic()
     events_path, stderr_path = out / "events.jsonl", out / "stderr.txt"
     with open(events_path, "w") as events, open(stderr_path, "w") as stderr:
-        tool = subprocess.Popen(tool_command(out, extra), stdout=events, stderr=stderr,
+        tool = subprocess.Popen(tool_command(out, extra, output), stdout=events, stderr=stderr,
                                 env=fast_capstone_env())
         while not (out / "ready").exists() and tool.poll() is None:
             if time.monotonic() - started > READY_TIMEOUT:
@@ -118,7 +118,12 @@ def run(out: Path, scenarios: List[str], count: int, extra: List[str],
                 config = ipsec.LabConfig(ns_a=f"{ns_prefix}{n}-a", ns_b=f"{ns_prefix}{n}-b")
                 lab = ipsec.Lab(config)
                 try:
-                    results["scenarios"][name] = SCENARIOS[name](lab, count)
+                    result = SCENARIOS[name](lab, count)
+                    time.sleep(0.5)
+                    # A new namespace's counters start at zero: these are lifetime totals.
+                    result["totals"] = {ns: lab.xfrm_stat(ns) for ns in (config.ns_a,
+                                                                         config.ns_b)}
+                    results["scenarios"][name] = result
                 except Exception as err:  # noqa: BLE001 - reported to the host test
                     results["scenarios"][name] = {"error": f"{type(err).__name__}: {err}"}
                 finally:
@@ -133,9 +138,13 @@ def run(out: Path, scenarios: List[str], count: int, extra: List[str],
             tool.wait()
     results["returncode"] = tool.returncode
     results["stderr"] = stderr_path.read_text()
-    lines = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
-    results["events"] = [x for x in lines if x.get("type") == "xfrm_error"]
-    results["summary"] = next((x for x in lines if x.get("type") == "summary"), None)
+    if output == "json":
+        lines = [json.loads(line) for line in events_path.read_text().splitlines()
+                 if line.strip()]
+        results["events"] = [x for x in lines if x.get("type") == "xfrm_error"]
+        results["summary"] = next((x for x in lines if x.get("type") == "summary"), None)
+    else:
+        results["text"] = events_path.read_text()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -147,8 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS))
     parser.add_argument("--tool-arg", action="append", default=[],
                         help="extra xfrmtrace argument (repeatable)")
+    parser.add_argument("--output", choices=("json", "text"), default="json")
     args = parser.parse_args(argv)
-    run(args.out, args.scenarios, args.count, args.tool_arg)
+    run(args.out, args.scenarios, args.count, args.tool_arg, output=args.output)
     return 0
 
 
