@@ -43,7 +43,7 @@ def run(request, tmp_path_factory) -> dict:
     rwdir = tmp_path_factory.mktemp(f"vm-{series}")
     out = rwdir / "trace"
     command = shlex.join([sys.executable, "-m", "tests.vmlab.trace_run", "--out", str(out),
-                          "--count", str(PACKETS), *SCENARIOS])
+                          "--count", str(PACKETS), "--tool-arg=--output-stack", *SCENARIOS])
     result = vm.run_in_vm(kernel, command, rwdir=rwdir, cwd=REPO, timeout=1200,
                           env={"PYTHONDONTWRITEBYTECODE": "1"})
     print(f"{series} ({kernel.version}): total {result.seconds:.1f} s")
@@ -96,6 +96,9 @@ def test_a_in_no_states_reports_packet(run: dict) -> None:
         assert e["time"].endswith("Z") and "T" in e["time"]
         seqs.append(e["seq"])
     assert seqs == sorted(seqs) and len(set(seqs)) == PACKETS  # one event per ESP packet
+    # --output-stack: the probed instruction is the innermost frame.
+    for e in events:
+        assert e["stack"] and e["stack"][0].startswith(f"xfrm_input+{e['offset']:#x}"), e["stack"]
 
 
 def test_b_out_no_states_reports_flow(run: dict) -> None:

@@ -188,7 +188,11 @@ class EventDecoder:
 
     def _stack(self, raw: abi.XtEvent) -> List[str]:
         frames = min(raw.stack_len // 8, abi.XT_MAX_STACK)
-        return [self.symbolize(addr) for addr in raw.stack[:frames] if addr]
+        addrs = [addr for addr in raw.stack[:frames] if addr]
+        # A kprobe's saved ip points just past its int3: show the probed instruction itself.
+        if addrs and addrs[0] == raw.site_addr + 1:
+            addrs[0] = raw.site_addr
+        return [self.symbolize(addr) for addr in addrs]
 
 
 def _fill_skb(event: XfrmErrorEvent, raw: abi.XtEvent) -> None:

@@ -26,8 +26,11 @@ _ROLE_BY_TYPE = {
 
 
 class Param(Protocol):
-    name: str
-    type: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
 
 
 class FunctionPrototypes(Protocol):

@@ -563,14 +563,15 @@ class BpfObject:
         return f"<BpfObject {self.path} {state}>"
 
 
-class Program:
-    """One BPF program of a :class:`BpfObject`."""
+class _ObjectPart:
+    """A program or map: a libbpf handle that is only valid while its object is open."""
+
+    _KIND = ""  # "program" or "map": selects bpf_<kind>__name / bpf_<kind>__fd
 
     def __init__(self, handle: int, owner: BpfObject) -> None:
-        """Wrap a ``struct bpf_program *``; use :meth:`BpfObject.program` instead."""
         self._handle = handle
         self._owner = owner
-        self.name = _decode(api().bpf_program__name(handle))
+        self.name = _decode(getattr(api(), f"bpf_{self._KIND}__name")(handle))
 
     def _ptr(self) -> int:
         self._owner._require_open()
@@ -578,9 +579,15 @@ class Program:
 
     @property
     def fd(self) -> int:
-        """The program's file descriptor (-1 before load)."""
-        fd: int = api().bpf_program__fd(self._ptr())
+        """The file descriptor (-1 before load)."""
+        fd: int = getattr(api(), f"bpf_{self._KIND}__fd")(self._ptr())
         return fd if fd >= 0 else -1
+
+
+class Program(_ObjectPart):
+    """One BPF program of a :class:`BpfObject`; get it from :meth:`BpfObject.program`."""
+
+    _KIND = "program"
 
     @property
     def autoload(self) -> bool:
@@ -672,24 +679,10 @@ class Link:
         return f"<Link {self.description}{' destroyed' if self.destroyed else ''}>"
 
 
-class Map:
-    """One map of a :class:`BpfObject`; keys and values are raw bytes."""
+class Map(_ObjectPart):
+    """One map of a :class:`BpfObject`, keys and values as raw bytes; see :meth:`BpfObject.map`."""
 
-    def __init__(self, handle: int, owner: BpfObject) -> None:
-        """Wrap a ``struct bpf_map *``; use :meth:`BpfObject.map` instead."""
-        self._handle = handle
-        self._owner = owner
-        self.name = _decode(api().bpf_map__name(handle))
-
-    def _ptr(self) -> int:
-        self._owner._require_open()
-        return self._handle
-
-    @property
-    def fd(self) -> int:
-        """The map's file descriptor (-1 before load)."""
-        fd: int = api().bpf_map__fd(self._ptr())
-        return fd if fd >= 0 else -1
+    _KIND = "map"
 
     @property
     def type(self) -> int:

@@ -99,6 +99,33 @@ SCENARIOS: Dict[str, Callable[[ipsec.Lab, int], dict]] = {
 }
 
 
+def run_scenarios(names: List[str], count: int, ns_prefix: str, record: dict) -> None:
+    """Run each scenario in its own pair of namespaces, all kept until the end.
+
+    Namespace inodes are reused once a namespace is gone; keeping every lab
+    alive while the tool runs makes each inode name exactly one namespace.
+    A new namespace's counters start at zero, so its final /proc values are
+    the lifetime totals the tool's events must add up to.
+    """
+    labs = []
+    try:
+        for n, name in enumerate(names):
+            lab = ipsec.Lab(ipsec.LabConfig(ns_a=f"{ns_prefix}{n}-a", ns_b=f"{ns_prefix}{n}-b"))
+            labs.append((name, lab))
+            try:
+                record[name] = SCENARIOS[name](lab, count)
+            except Exception as err:  # noqa: BLE001 - reported to the host test
+                record[name] = {"error": f"{type(err).__name__}: {err}"}
+        time.sleep(1.0)
+        for name, lab in labs:
+            if "error" not in record[name]:
+                record[name]["totals"] = {ns: lab.xfrm_stat(ns)
+                                          for ns in (lab.cfg.ns_a, lab.cfg.ns_b)}
+    finally:
+        for _name, lab in labs:
+            lab.teardown()
+
+
 def run(out: Path, scenarios: List[str], count: int, extra: List[str],
         ns_prefix: str = "xt", output: str = "json") -> dict:
     out.mkdir(parents=True, exist_ok=True)
@@ -114,21 +141,7 @@ def run(out: Path, scenarios: List[str], count: int, extra: List[str],
             time.sleep(0.2)
         results: dict = {"ready_seconds": round(time.monotonic() - started, 1), "scenarios": {}}
         if (out / "ready").exists():
-            for n, name in enumerate(scenarios):
-                config = ipsec.LabConfig(ns_a=f"{ns_prefix}{n}-a", ns_b=f"{ns_prefix}{n}-b")
-                lab = ipsec.Lab(config)
-                try:
-                    result = SCENARIOS[name](lab, count)
-                    time.sleep(0.5)
-                    # A new namespace's counters start at zero: these are lifetime totals.
-                    result["totals"] = {ns: lab.xfrm_stat(ns) for ns in (config.ns_a,
-                                                                         config.ns_b)}
-                    results["scenarios"][name] = result
-                except Exception as err:  # noqa: BLE001 - reported to the host test
-                    results["scenarios"][name] = {"error": f"{type(err).__name__}: {err}"}
-                finally:
-                    lab.teardown()
-            time.sleep(1.0)
+            run_scenarios(scenarios, count, ns_prefix, results["scenarios"])
         if tool.poll() is None:
             tool.send_signal(signal.SIGINT)
         try:
