@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # kmod, busybox, apt tooling), IPsec lab inside the guest (iproute2, iptables, ping).
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
-	ca-certificates binutils bpftool tshark
+	ca-certificates binutils bpftool tshark file debian-archive-keyring
 
 .PHONY: all deps bpf venv test test-unit test-vm demo sites lint clean
 all: venv bpf
