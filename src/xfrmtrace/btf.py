@@ -16,11 +16,10 @@ import enum
 import errno
 import os
 import weakref
-from types import TracebackType
 from typing import Any, Iterator, NamedTuple, Optional, Union
 
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing, LibbpfError
-from xfrmtrace.libbpf import _check_ptr, _strerror, api
+from xfrmtrace.libbpf import Closable, _check_ptr, _strerror, api
 
 __all__ = [
     "Btf",
@@ -172,7 +171,7 @@ _INT_NAMES = {
 _MAX_DEPTH = 64  # type chains in real BTF are short; this only stops a corrupt loop
 
 
-class Btf:
+class Btf(Closable):
     """Parsed BTF: the running kernel's, a module's (split on a base), or a file's."""
 
     def __init__(self, handle: int, source: str, *, owned: bool = True,
@@ -248,19 +247,6 @@ class Btf:
         if handle is not None and self._owned:
             api().btf__free(handle)
         self._base = None
-
-    def __enter__(self) -> Btf:
-        return self
-
-    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
 
     # --- raw access --------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import re
 import threading
 from contextlib import contextmanager
 from types import SimpleNamespace, TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar, Union
 
 from xfrmtrace.errors import LibbpfError, VerifierError
 
@@ -386,7 +386,32 @@ def _decode(raw: Optional[bytes]) -> str:
     return raw.decode("utf-8", "replace") if raw else ""
 
 
-class BpfObject:
+_C = TypeVar("_C", bound="Closable")
+_PartT = TypeVar("_PartT", bound="_ObjectPart")
+
+
+class Closable:
+    """Context manager and finalizer for wrappers of libbpf handles: both call ``close()``,
+    which subclasses make idempotent."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+
+class BpfObject(Closable):
     """An opened BPF ELF object (``struct bpf_object``); create with :meth:`open_file`.
 
     Maps and programs handed out stay valid until :meth:`close`, which first frees ring
@@ -460,42 +485,41 @@ class BpfObject:
 
     def map(self, name: str) -> Map:
         """The map called ``name`` (LibbpfError if the object has none)."""
-        handle = self._require_open()
-        if name not in self._maps:
-            ptr = api().bpf_object__find_map_by_name(handle, name.encode())
-            if not ptr:
-                raise LibbpfError(f"BPF object {self.path} has no map named {name!r}")
-            self._maps[name] = Map(ptr, self)
-        return self._maps[name]
+        return self._part(Map, self._maps, name)
 
     def maps(self) -> list[Map]:
         """All maps of the object, in ELF order (including .rodata/.bss)."""
-        handle = self._require_open()
-        found: list[Map] = []
-        ptr = api().bpf_object__next_map(handle, None)
-        while ptr:
-            found.append(self.map(_decode(api().bpf_map__name(ptr))))
-            ptr = api().bpf_object__next_map(handle, ptr)
-        return found
+        return self._parts(Map, self._maps)
 
     def program(self, name: str) -> Program:
         """The program whose C function is called ``name`` (LibbpfError if none)."""
-        handle = self._require_open()
-        if name not in self._programs:
-            ptr = api().bpf_object__find_program_by_name(handle, name.encode())
-            if not ptr:
-                raise LibbpfError(f"BPF object {self.path} has no program named {name!r}")
-            self._programs[name] = Program(ptr, self)
-        return self._programs[name]
+        return self._part(Program, self._programs, name)
 
     def programs(self) -> list[Program]:
         """All programs of the object."""
+        return self._parts(Program, self._programs)
+
+    def _part(self, cls: type[_PartT], cache: dict[str, _PartT], name: str) -> _PartT:
+        """The map or program ``name``, wrapped once and cached."""
         handle = self._require_open()
-        found: list[Program] = []
-        ptr = api().bpf_object__next_program(handle, None)
+        if name not in cache:
+            ptr = getattr(api(), f"bpf_object__find_{cls._KIND}_by_name")(handle, name.encode())
+            if not ptr:
+                raise LibbpfError(f"BPF object {self.path} has no {cls._KIND} named {name!r}")
+            cache[name] = cls(ptr, self)
+        return cache[name]
+
+    def _parts(self, cls: type[_PartT], cache: dict[str, _PartT]) -> list[_PartT]:
+        """Every map or program, in the order libbpf iterates them."""
+        handle = self._require_open()
+        lib = api()
+        next_part = getattr(lib, f"bpf_object__next_{cls._KIND}")
+        name_of = getattr(lib, f"bpf_{cls._KIND}__name")
+        found: list[_PartT] = []
+        ptr = next_part(handle, None)
         while ptr:
-            found.append(self.program(_decode(api().bpf_program__name(ptr))))
-            ptr = api().bpf_object__next_program(handle, ptr)
+            found.append(self._part(cls, cache, _decode(name_of(ptr))))
+            ptr = next_part(handle, ptr)
         return found
 
     def load(self) -> None:
@@ -544,19 +568,6 @@ class BpfObject:
             self._btf.close()  # its memory belongs to the object freed below
             self._btf = None
         api().bpf_object__close(handle)
-
-    def __enter__(self) -> BpfObject:
-        return self
-
-    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("loaded" if self._load_attempted else "open")
@@ -802,7 +813,7 @@ SampleCallback = Callable[[bytes], Optional[int]]
 _STOP_AFTER_EXCEPTION = -errno.ECANCELED
 
 
-class RingBuffer:
+class RingBuffer(Closable):
     """Consumer of a ``BPF_MAP_TYPE_RINGBUF`` map; ``callback`` runs once per record.
 
     An exception raised by ``callback`` stops the poll and is re-raised by :meth:`poll`
@@ -877,16 +888,3 @@ class RingBuffer:
             return
         self.map._owner._forget_ring_buffer(self)
         api().ring_buffer__free(handle)
-
-    def __enter__(self) -> RingBuffer:
-        return self
-
-    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
