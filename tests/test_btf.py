@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.util
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
 
 import pytest
 
+from tests.bpf import selftest
 from xfrmtrace import btf as btf_mod
 from xfrmtrace.btf import Btf, BtfKind, Param, VarLocation
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing, LibbpfError
 
-
-def _import_selftest() -> Any:
-    name = "xfrmtrace_tests_bpf_selftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parent / "bpf" / "selftest.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-selftest = _import_selftest()
 VMLINUX = Path(btf_mod.VMLINUX_BTF_PATH)
 
 

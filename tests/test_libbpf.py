@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
-import importlib.util
 import logging
 import os
 import random
@@ -25,23 +24,11 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
+from tests.bpf import selftest
 from xfrmtrace import libbpf
 from xfrmtrace.errors import BtfLookupError, LibbpfError, VerifierError
 from xfrmtrace.libbpf import BpfObject, KprobeOpts, RingBuffer
 
-
-def _import_selftest() -> Any:
-    name = "xfrmtrace_tests_bpf_selftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parent / "bpf" / "selftest.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-selftest = _import_selftest()
 SelftestCfg = selftest.SelftestCfg
 SelftestEvent = selftest.SelftestEvent
 
