@@ -41,8 +41,11 @@ class Kallsyms:
         self._names = [s[1] for s in symbols]
         self._objects = [s[2] for s in symbols]
         self._by_name: dict[tuple[str, str], int] = {}
+        # Symbol indices per object, so listing one module's functions does not scan them all.
+        self._by_object: dict[str, list[int]] = {}
         for i, (_addr, name, obj) in enumerate(symbols):
             self._by_name.setdefault((name, obj), i)
+            self._by_object.setdefault(obj, []).append(i)
         self._core_text_end = core_text_end
 
     # --- loading -----------------------------------------------------------
@@ -89,19 +92,15 @@ class Kallsyms:
     # --- queries -----------------------------------------------------------
 
     def objects(self) -> list[str]:
-        """``vmlinux`` first, then module names in order of appearance."""
-        seen = dict.fromkeys(self._objects)
-        seen.pop(VMLINUX, None)
-        return [VMLINUX, *seen]
+        """``vmlinux`` first, then module names in order of address."""
+        return [VMLINUX, *(obj for obj in self._by_object if obj != VMLINUX)]
 
     def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
         """Every text symbol (of one object, if given) with its extent."""
-        for i, name in enumerate(self._names):
-            if obj is not None and self._objects[i] != obj:
-                continue
-            if name.startswith("__pfx_"):
-                continue
-            yield self._function_at(i)
+        indices = range(len(self._names)) if obj is None else self._by_object.get(obj, [])
+        for i in indices:
+            if not self._names[i].startswith("__pfx_"):
+                yield self._function_at(i)
 
     def find(self, name: str, obj: str = VMLINUX) -> Optional[Function]:
         """The function named ``name`` in ``obj``."""
