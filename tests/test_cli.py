@@ -71,7 +71,7 @@ def test_offline_sites_needs_both_files(tmp_path: Path) -> None:
 def test_offline_sites_unreadable_files(tmp_path: Path) -> None:
     proc = run_tool("sites", "--vmlinux", str(tmp_path / "missing"),
                     "--kallsyms", str(tmp_path / "missing2"))
-    assert_one_line_error(proc, "missing")
+    assert_one_line_error(proc, "cannot read", "missing")
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x7fELF" + os.urandom(200))
     proc = run_tool("sites", "--vmlinux", str(garbage), "--kallsyms", str(garbage))

@@ -100,9 +100,11 @@ def open_vmlinux(path: Union[str, Path], run_time_text: Optional[int] = None) ->
 
 
 def vmlinux_has_btf(path: Union[str, Path]) -> bool:
-    """Whether an ELF file carries a .BTF section."""
+    """Whether an ELF file carries a .BTF section (InputError if it cannot be read)."""
     try:
         with open(path, "rb") as stream:
             return ELFFile(stream).get_section_by_name(".BTF") is not None
-    except (OSError, ELFError, ValueError):
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from err
+    except (ELFError, ValueError):
         return False
