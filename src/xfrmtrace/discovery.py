@@ -149,17 +149,16 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
             if site.entry_function is None or (site.object, site.entry_function) in seen:
                 continue
             seen.add((site.object, site.entry_function))
-            btf: Optional[Btf] = view.model.btf
+            btf = view.model.btf
             if site.object != VMLINUX:
                 if site.object not in module_btf:
                     module_btf[site.object] = Btf.module(site.object, view.model.btf)
                 btf = module_btf[site.object] or view.model.btf
             address = view.syms.address(site.entry_function, site.object)
-            if btf is None or address is None:
+            if address is None:
                 continue
-            args = function_args(btf, site.entry_function, address)
+            args = function_args(btf, site.entry_function, address, site.object)
             if args is not None:
-                args.extra["object"] = site.object
                 result.append(args)
     finally:
         for mod_btf in module_btf.values():
