@@ -43,14 +43,15 @@ def _normalize(type_text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def function_args(btf: FunctionPrototypes, name: str, address: int) -> Optional[FunctionArgs]:
+def function_args(btf: FunctionPrototypes, name: str, address: int,
+                  obj: str = "vmlinux") -> Optional[FunctionArgs]:
     """Argument roles of ``name``, or None when BTF does not describe it usefully."""
     if "." in name:
         return None
     params = btf.func_params(name)
     if not params:
         return None
-    args = FunctionArgs(function=name, address=address)
+    args = FunctionArgs(function=name, address=address, object=obj)
     found = False
     for position, param in enumerate(params[:MAX_REGISTER_ARGS]):
         role = _ROLE_BY_TYPE.get(_normalize(param.type))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -35,10 +35,10 @@ class FunctionArgs:
 
     function: str
     address: int
+    object: str = "vmlinux"  # "vmlinux" or the module name
     skb: Optional[int] = None  # argument position 0..5
     flow: Optional[int] = None
     net: Optional[int] = None
     state: Optional[int] = None
     dst: Optional[int] = None
     family: Optional[int] = None
-    extra: dict = field(default_factory=dict)

@@ -91,7 +91,7 @@ class Tracer:
         self._obj: Optional[BpfObject] = None
         self._links: list[Link] = []
         self._ring: Optional[RingBuffer] = None
-        self._func_ids = {(f.extra.get("object", "vmlinux"), f.function): i
+        self._func_ids = {(f.object, f.function): i
                           for i, f in enumerate(self.functions)}
 
     # --- setup -------------------------------------------------------------------------------
