@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from xfrmtrace import abi
 from xfrmtrace.errors import DecodeError
-from xfrmtrace.model import Site
+from xfrmtrace.model import Site, code_location
 from xfrmtrace.packet import (
     ICMP_PROTOCOLS,
     IPPROTO_AH,
@@ -107,8 +107,7 @@ class XfrmErrorEvent:
     @property
     def site_label(self) -> str:
         """``function+0xoff``, with ``[module]`` for module sites, as in ``Site.label``."""
-        text = f"{self.function}+{self.offset:#x}"
-        return text if self.object == "vmlinux" else f"{text} [{self.object}]"
+        return code_location(self.function, self.offset, self.object)
 
 
 class EventDecoder:

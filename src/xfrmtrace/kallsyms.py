@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from xfrmtrace.errors import InputError, PermissionProblem
+from xfrmtrace.model import code_location
 
 VMLINUX = "vmlinux"
 PROC_KALLSYMS = Path("/proc/kallsyms")
@@ -120,8 +121,7 @@ class Kallsyms:
         func = self.lookup(addr)
         if func is None:
             return f"{addr:#x}"
-        text = f"{func.name}+{addr - func.start:#x}"
-        return text if func.object == VMLINUX else f"{text} [{func.object}]"
+        return code_location(func.name, addr - func.start, func.object)
 
     def address(self, name: str, obj: str = VMLINUX) -> Optional[int]:
         i = self._by_name.get((name, obj))

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+def code_location(function: str, offset: int, obj: str = "vmlinux") -> str:
+    """``function+0xoff``, with ``[module]`` appended for module text: how sites are printed."""
+    text = f"{function}+{offset:#x}"
+    return text if obj == "vmlinux" else f"{text} [{obj}]"
+
+
 @dataclass(frozen=True)
 class Site:
     """One instruction that increments an XFRM statistics counter."""
@@ -25,8 +31,7 @@ class Site:
     @property
     def label(self) -> str:
         """``function+0xoff`` (with ``[module]`` for module sites), as printed in events."""
-        text = f"{self.function}+{self.offset:#x}"
-        return text if self.object == "vmlinux" else f"{text} [{self.object}]"
+        return code_location(self.function, self.offset, self.object)
 
 
 @dataclass
