@@ -220,6 +220,7 @@ def _counter_filter(text: Optional[str], counters: dict[int, str]) -> Optional[s
 
 def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     from xfrmtrace import discovery, preflight
+    from xfrmtrace.modules import ModuleWatcher
     from xfrmtrace.output import summary as summary_out
     from xfrmtrace.session import SessionOptions, TraceSession
 
@@ -237,13 +238,17 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # Read /proc/modules before kallsyms: a module loading in between is then seen as new
+    # (and found already attached) rather than missed.
+    modules = ModuleWatcher()
     view = discovery.open_live()
     try:
-        resolution = discovery.resolve_sites(view, cache=_site_cache(args))
+        cache = _site_cache(args)
+        resolution = discovery.resolve_sites(view, cache=cache)
         if not resolution.sites:
             raise KernelFeatureMissing("no XFRM counter increment sites found in kernel text: "
                                        "run `xfrmtrace sites --audit` to see why")
-        session = TraceSession(view, resolution.sites, options, out, status)
+        session = TraceSession(view, resolution.sites, options, out, status, modules, cache)
         deadline = time.monotonic() + args.duration if args.duration else None
         summary = session.run(stop, deadline,
                               _counter_filter(args.filter_counter, view.model.counters))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from xfrmtrace.errors import InputError, PermissionProblem
 from xfrmtrace.model import code_location
@@ -37,6 +37,10 @@ class Kallsyms:
 
     def __init__(self, symbols: list[tuple[int, str, str]], core_text_end: int = 0) -> None:
         """``symbols``: (address, name, object) of text symbols, any order."""
+        self._core_text_end = core_text_end
+        self._index(symbols)
+
+    def _index(self, symbols: list[tuple[int, str, str]]) -> None:
         symbols = sorted(set(symbols))
         self._addrs = [s[0] for s in symbols]
         self._names = [s[1] for s in symbols]
@@ -47,7 +51,6 @@ class Kallsyms:
         for i, (_addr, name, obj) in enumerate(symbols):
             self._by_name.setdefault((name, obj), i)
             self._by_object.setdefault(obj, []).append(i)
-        self._core_text_end = core_text_end
 
     # --- loading -----------------------------------------------------------
 
@@ -62,33 +65,31 @@ class Kallsyms:
 
     @classmethod
     def parse(cls, text: str, source: str = "kallsyms") -> Kallsyms:
-        symbols: list[tuple[int, str, str]] = []
-        etext = 0
-        nonzero = False
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            try:
-                addr = int(parts[0], 16)
-            except ValueError:
-                continue
-            kind, name = parts[1], parts[2]
-            nonzero = nonzero or addr != 0
-            obj = parts[3].strip("[]") if len(parts) > 3 else VMLINUX
-            if name == "_etext" and obj == VMLINUX:
-                etext = addr
-            if kind in ("t", "T"):
-                # __pfx_ padding symbols (6.2+) are kept: they end the function before.
-                symbols.append((addr, name, obj))
+        symbols, etext = _parse_lines(text.splitlines(), source)
         if not symbols:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
-        if not nonzero:
-            raise PermissionProblem(
-                f"{source} shows only zero addresses: run as root "
-                "(or lower kernel.kptr_restrict)"
-            )
         return cls(symbols, core_text_end=etext)
+
+    def refresh_modules(self, modules: Iterable[str], path: Union[str, Path] = PROC_KALLSYMS
+                        ) -> None:
+        """Re-read the symbols of ``modules``: loaded, reloaded elsewhere, or gone.
+
+        Only those modules' lines are parsed, so a module load costs a read of
+        kallsyms, not a re-parse of all of it.
+        """
+        names = set(modules)
+        if not names:
+            return
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror}") from err
+        suffixes = tuple(f"[{name}]" for name in names)
+        lines = [line for line in text.splitlines() if line.endswith(suffixes)]
+        fresh = _parse_lines(lines, str(path))[0]
+        kept = [(a, n, o) for a, n, o in zip(self._addrs, self._names, self._objects)
+                if o not in names]
+        self._index(kept + fresh)
 
     # --- queries -----------------------------------------------------------
 
@@ -150,3 +151,32 @@ class Kallsyms:
             if j < len(self._addrs):
                 end = min(end, self._addrs[j])
         return Function(self._names[i], obj, start, end)
+
+
+def _parse_lines(lines: Iterable[str], source: str) -> tuple[list[tuple[int, str, str]], int]:
+    """Text symbols (address, name, object) and the address of vmlinux's _etext (0 if absent)."""
+    symbols: list[tuple[int, str, str]] = []
+    etext = 0
+    nonzero = False
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        try:
+            addr = int(parts[0], 16)
+        except ValueError:
+            continue
+        kind, name = parts[1], parts[2]
+        nonzero = nonzero or addr != 0
+        obj = parts[3].strip("[]") if len(parts) > 3 else VMLINUX
+        if name == "_etext" and obj == VMLINUX:
+            etext = addr
+        if kind in ("t", "T"):
+            # __pfx_ padding symbols (6.2+) are kept: they end the function before.
+            symbols.append((addr, name, obj))
+    if not nonzero and symbols:
+        raise PermissionProblem(
+            f"{source} shows only zero addresses: run as root "
+            "(or lower kernel.kptr_restrict)"
+        )
+    return symbols, etext

@@ -9,17 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, TextIO
 
-from xfrmtrace.discovery import KernelView, function_arguments
-from xfrmtrace.errors import InputError, KernelFeatureMissing
+from xfrmtrace.discovery import KernelView, function_arguments, resolve_sites
+from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 from xfrmtrace.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.model import Site
+from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
 from xfrmtrace.output import jsonl, text
+from xfrmtrace.sitecache import SiteCache
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
 
 log = logging.getLogger("xfrmtrace.session")
 
 _POLL_MS = 200
+# How often /proc/modules is compared: a module's counters move unseen for at most about this
+# long (plus the time to resolve and attach its sites) after it loads.
+_MODULE_POLL_S = 0.25
 
 
 class StopFlag(Protocol):
@@ -64,9 +69,15 @@ class TraceSession:
     """Wires discovery, the tracer, the decoder and the formatter together."""
 
     def __init__(self, view: KernelView, sites: list[Site], options: SessionOptions,
-                 out: TextIO, status: Callable[[str], None]) -> None:
+                 out: TextIO, status: Callable[[str], None],
+                 modules: Optional[ModuleWatcher] = None,
+                 cache: Optional[SiteCache] = None) -> None:
+        """``modules``, if given, was created before ``view`` read kallsyms: modules that
+        load later get their sites probed while tracing."""
         self._view = view
         self._sites = sites
+        self._modules = modules
+        self._cache = cache
         self._options = options
         self._out = out
         self._status = status
@@ -94,10 +105,10 @@ class TraceSession:
             ringbuf_bytes=max(1, self._options.ringbuf_mib) << 20,
         )
 
-    def _decoder(self) -> EventDecoder:
+    def _decoder(self, tracer: Tracer) -> EventDecoder:
         offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         return EventDecoder(
-            sites=dict(enumerate(self._sites)),
+            sites=tracer.sites,  # the tracer adds module sites to it as they load
             counter_names=self._view.model.counters,
             clock=lambda mono_ns: mono_ns + offset,
             netns_name=self._netns.name,
@@ -115,21 +126,24 @@ class TraceSession:
             counter_filter: Optional[set[int]] = None) -> Summary:
         """Trace until ``stop.stopped`` or ``deadline`` (monotonic seconds)."""
         started = time.monotonic()
-        functions = function_arguments(self._view, self._sites)
-        tracer = Tracer(self._sites, functions, self._config(counter_filter))
+        tracer = Tracer(self._config(counter_filter))
         try:
             tracer.load()
             log.info("BPF object loaded (%.2fs)", time.monotonic() - started)
-            tracer.open_ring_buffer(self._on_event(self._decoder()))
-            report = tracer.attach()
+            tracer.open_ring_buffer(self._on_event(self._decoder(tracer)))
+            report = tracer.add(self._sites, function_arguments(self._view, self._sites))
             log.info("%d site and %d entry probes attached (%.2fs)", report.sites_attached,
                      report.entries_attached, time.monotonic() - started)
             self._report_attach(report)
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
+            next_module_poll = time.monotonic()
             while not stop.stopped and (deadline is None or time.monotonic() < deadline):
                 tracer.poll(_POLL_MS)
                 self._out.flush()
+                if self._modules is not None and time.monotonic() >= next_module_poll:
+                    self._follow_modules(tracer, self._modules)
+                    next_module_poll = time.monotonic() + _MODULE_POLL_S
             tracer.detach()
             tracer.drain()  # events already queued are still delivered
             self._out.flush()
@@ -137,6 +151,41 @@ class TraceSession:
         finally:
             tracer.close()
         return summary
+
+    def _follow_modules(self, tracer: Tracer, watcher: ModuleWatcher) -> None:
+        """Detach from modules that went away; resolve and attach to the ones that came."""
+        changes = watcher.poll()
+        if not changes:
+            return
+        for name in changes.unloaded:
+            removed = tracer.remove_object(name)
+            if removed:
+                self._status(f"Module {name} unloaded: removed its {removed} probes")
+        try:
+            self._view.syms.refresh_modules(changes.unloaded + changes.loaded)
+        except XfrmtraceError as err:
+            self._status(f"warning: cannot follow module changes: {err}")
+            return
+        for name in changes.loaded:
+            self._attach_module(tracer, name)
+
+    def _attach_module(self, tracer: Tracer, name: str) -> None:
+        started = time.monotonic()
+        try:
+            sites = resolve_sites(self._view, [name], self._cache).sites
+        except XfrmtraceError as err:
+            self._status(f"warning: module {name} loaded, but its sites cannot be resolved: "
+                         f"{err}")
+            return
+        if not sites or {s.address for s in sites} == tracer.attached_addresses(name):
+            return  # nothing to probe, or already probed (loaded while we started)
+        tracer.remove_object(name)
+        report = tracer.add(sites, function_arguments(self._view, sites))
+        for site, why in report.sites_failed:
+            self._status(f"warning: cannot probe {site.label} ({site.counter}): {why}")
+        self._status(f"Module {name} loaded: attached {report.sites_attached}/"
+                     f"{report.sites_expected} probes "
+                     f"({time.monotonic() - started:.2f}s after noticing it)")
 
     def _report_attach(self, report: AttachReport) -> None:
         for site, why in report.sites_failed:
@@ -156,6 +205,6 @@ class TraceSession:
         for (site_id, netns), n in tracer.netns_counts().items():
             by_netns[site_id][netns] = n
         totals = [SiteTotal(site, counts.get(i, 0), by_netns.get(i, {}))
-                  for i, site in enumerate(self._sites)]
+                  for i, site in sorted(tracer.sites.items())]
         return Summary(sites=totals, events=self.events, stats=tracer.stats(),
                        duration=duration)

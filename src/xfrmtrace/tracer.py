@@ -80,86 +80,129 @@ class AttachReport:
 
 
 class Tracer:
-    """Owns the BPF object, its probes and its ring buffer."""
+    """Owns the BPF object, its probes and its ring buffer.
 
-    def __init__(self, sites: list[Site], functions: list[FunctionArgs], config: TraceConfig,
-                 object_path: Path = BPF_OBJECT) -> None:
-        self.sites = list(sites)
-        self.functions = list(functions)
+    Sites and functions can be added and removed while tracing (modules come
+    and go).  Each keeps its id for the whole run: a module that is unloaded
+    and loaded again gets its old site ids back, so its counts add up and an
+    event still queued from before the unload decodes to the right site.
+    """
+
+    def __init__(self, config: TraceConfig, object_path: Path = BPF_OBJECT) -> None:
         self.config = config
+        self.sites: dict[int, Site] = {}  # site_id -> site, as the decoder reads it
         self._object_path = object_path
         self._obj: Optional[BpfObject] = None
-        self._links: list[Link] = []
         self._ring: Optional[RingBuffer] = None
-        self._func_ids = {(f.object, f.function): i
-                          for i, f in enumerate(self.functions)}
+        self._site_ids: dict[tuple[str, str, int], int] = {}
+        self._func_ids: dict[tuple[str, str], int] = {}
+        self._links: dict[str, list[Link]] = {}  # object -> its probes
+        self._addresses: dict[str, list[tuple[str, int]]] = {}  # object -> (map, address)
+        self._by_address: Optional[bool] = None
 
     # --- setup -------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Open and load the object, then fill the site and function maps."""
+        """Open and load the object; probes come with :meth:`add`."""
         obj = BpfObject.open_file(self._object_path)
         self._obj = obj
         obj.set_rodata("cfg", bytes(self.config.to_abi()))
         obj.map("events").set_max_entries(_power_of_two(self.config.ringbuf_bytes))
         obj.load()
-        self._fill_functions()
-        self._fill_sites()
+        self._by_address = kprobe_pmu_available()
 
-    def _fill_functions(self) -> None:
-        assert self._obj is not None
-        entries, funcs = self._obj.map("entries"), self._obj.map("funcs")
-        for func_id, func in enumerate(self.functions):
-            info = abi.XtFuncInfo(func_id=func_id)
-            for i in range(abi.XtArgRole.NUM):
-                info.arg_slot[i] = abi.XT_NO_ARG
-            for name, role in _ROLES.items():
-                position = getattr(func, name)
-                if position is not None:
-                    info.arg_slot[role] = position
-            funcs.update(_u32(func_id), bytes(info))
-            for address in (func.address, func.address + _ENDBR64_SIZE):
-                entries.update(_u64(address), _u32(func_id))
+    def add(self, sites: list[Site], functions: list[FunctionArgs]) -> AttachReport:
+        """Fill the maps for ``sites`` and attach their probes.
 
-    def _fill_sites(self) -> None:
-        assert self._obj is not None
-        sites_map = self._obj.map("sites")
-        for site_id, site in enumerate(self.sites):
-            info = abi.XtSiteInfo(
-                stack_depth=abi.XT_DEPTH_UNKNOWN if site.stack_depth is None
-                else site.stack_depth,
-                site_id=site_id,
-                counter=site.counter_index,
-                func_id=self._func_ids.get((site.object, site.entry_function or ""),
-                                           0xFFFFFFFF),
-                mib_reg=_REGISTERS[site.mib_reg],
-                net_reg=_REGISTERS.get(site.net_reg or "", abi.XT_NO_REG),
-            )
-            sites_map.update(_u64(site.address), bytes(info))
-
-    def attach(self) -> AttachReport:
-        """Attach entry probes first, so the first site hit already finds its frame."""
+        Entry probes go first, so the first site hit already finds its frame.
+        """
         assert self._obj is not None
         report = AttachReport()
-        by_address = kprobe_pmu_available()
         entry_prog = self._obj.program("xt_entry")
-        for func in self.functions:
+        for func in functions:
+            func_id = self._register_function(func)
+            if func_id is None:
+                report.entries_failed.append((func.function, "function table full"))
+                continue
             try:
-                self._links.append(_attach(entry_prog, func.function, 0, func.address,
-                                           by_address))
+                self._keep(func.object, _attach(entry_prog, func.function, 0, func.address,
+                                                 bool(self._by_address)))
                 report.entries_attached += 1
             except OSError as err:
                 report.entries_failed.append((func.function, err.strerror or str(err)))
                 log.info("no argument recording for %s: %s", func.function, err)
         site_prog = self._obj.program("xt_site")
-        for site in self.sites:
+        for site in sites:
+            if not self._register_site(site):
+                report.sites_failed.append((site, "site table full"))
+                continue
             try:
-                self._links.append(_attach(site_prog, site.function, site.offset, site.address,
-                                           by_address))
+                self._keep(site.object, _attach(site_prog, site.function, site.offset,
+                                                site.address, bool(self._by_address)))
                 report.sites_attached += 1
             except OSError as err:
                 report.sites_failed.append((site, err.strerror or str(err)))
         return report
+
+    def remove_object(self, obj: str) -> int:
+        """Detach every probe in ``obj`` (an unloaded module); returns how many."""
+        assert self._obj is not None
+        links = self._links.pop(obj, [])
+        for link in links:
+            link.destroy()
+        # The addresses may be reused by the next module loaded there.
+        for map_name, address in self._addresses.pop(obj, []):
+            self._obj.map(map_name).delete(_u64(address))
+        return len(links)
+
+    def attached_addresses(self, obj: str) -> set[int]:
+        """Addresses of the sites currently registered for ``obj``."""
+        return {address for map_name, address in self._addresses.get(obj, [])
+                if map_name == "sites"}
+
+    def _register_function(self, func: FunctionArgs) -> Optional[int]:
+        assert self._obj is not None
+        key = (func.object, func.function)
+        func_id = self._func_ids.get(key, len(self._func_ids))
+        if func_id >= abi.XT_MAX_FUNCS:
+            return None
+        self._func_ids[key] = func_id
+        info = abi.XtFuncInfo(func_id=func_id)
+        for i in range(abi.XtArgRole.NUM):
+            info.arg_slot[i] = abi.XT_NO_ARG
+        for name, role in _ROLES.items():
+            position = getattr(func, name)
+            if position is not None:
+                info.arg_slot[role] = position
+        self._obj.map("funcs").update(_u32(func_id), bytes(info))
+        entries = self._obj.map("entries")
+        for address in (func.address, func.address + _ENDBR64_SIZE):
+            entries.update(_u64(address), _u32(func_id))
+            self._addresses.setdefault(func.object, []).append(("entries", address))
+        return func_id
+
+    def _register_site(self, site: Site) -> bool:
+        assert self._obj is not None
+        key = (site.object, site.function, site.offset)
+        site_id = self._site_ids.get(key, len(self._site_ids))
+        if site_id >= abi.XT_MAX_SITES:
+            return False
+        self._site_ids[key] = site_id
+        self.sites[site_id] = site
+        info = abi.XtSiteInfo(
+            stack_depth=abi.XT_DEPTH_UNKNOWN if site.stack_depth is None else site.stack_depth,
+            site_id=site_id,
+            counter=site.counter_index,
+            func_id=self._func_ids.get((site.object, site.entry_function or ""), 0xFFFFFFFF),
+            mib_reg=_REGISTERS[site.mib_reg],
+            net_reg=_REGISTERS.get(site.net_reg or "", abi.XT_NO_REG),
+        )
+        self._obj.map("sites").update(_u64(site.address), bytes(info))
+        self._addresses.setdefault(site.object, []).append(("sites", site.address))
+        return True
+
+    def _keep(self, obj: str, link: Link) -> None:
+        self._links.setdefault(obj, []).append(link)
 
     def open_ring_buffer(self, callback: Callable[[bytes], None]) -> None:
         assert self._obj is not None
@@ -178,8 +221,9 @@ class Tracer:
 
     def detach(self) -> None:
         """Remove every probe; counts and queued events stay readable."""
-        for link in self._links:
-            link.destroy()
+        for links in self._links.values():
+            for link in links:
+                link.destroy()
         self._links.clear()
 
     def site_counts(self) -> dict[int, int]:
@@ -187,7 +231,7 @@ class Tracer:
         assert self._obj is not None
         counts_map = self._obj.map("site_counts")
         counts = {}
-        for site_id in range(len(self.sites)):
+        for site_id in self.sites:
             values = counts_map.lookup_percpu(_u32(site_id)) or []
             counts[site_id] = sum(int.from_bytes(v[:8], "little") for v in values)
         return counts
