@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 CLANG ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_OBJ := src/xfrmtrace/bpf/xfrm.bpf.o
-KERNEL ?= 6.1
+# Kernel series for `make test-kernels` and `make demo` (tests/vmlab/kernels.py MATRIX):
+# "all" is the whole matrix; e.g. KERNEL=6.12 or KERNEL=5.10,sid for a subset.
+KERNEL ?= all
+DEMO_KERNEL ?= 6.1
 PYTEST_ARGS ?=
 
 # Debian packages: build (clang, llvm, libbpf), run (libbpf1), VM lab (qemu,
@@ -16,7 +19,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring
 
-.PHONY: all deps bpf venv test test-unit test-vm demo sites lint clean
+.PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint clean
 all: venv bpf
 
 deps: .deps.stamp
@@ -44,17 +47,21 @@ $(BPF_OBJ): bpf/xfrm.bpf.c bpf/xfrm.h vmlinux.h | deps
 	$(CLANG) -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -I. -Ibpf -c $< -o $@
 	$(LLVM_STRIP) -g $@
 
+# Everything: unit tests, then the end-to-end suite on every kernel of the matrix.
 test: all
-	$(PY) -m pytest -ra $(PYTEST_ARGS) tests
+	XFRMTRACE_KERNELS=all $(PY) -m pytest -ra $(PYTEST_ARGS) tests
 
 test-unit: all
 	$(PY) -m pytest -ra -m 'not vm' $(PYTEST_ARGS) tests
 
-test-vm: all
+# The end-to-end suite (one VM boot per kernel): make test-kernels [KERNEL=6.12]
+test-kernels: all
 	XFRMTRACE_KERNELS=$(KERNEL) $(PY) -m pytest -ra -m vm $(PYTEST_ARGS) tests
 
+test-vm: test-kernels
+
 demo: all
-	$(PY) -m tests.vmlab.demo --kernel $(KERNEL)
+	$(PY) -m tests.vmlab.demo --kernel $(DEMO_KERNEL)
 
 sites: all
 	sudo $(VENV)/bin/xfrmtrace sites

@@ -1,10 +1,19 @@
-"""Guest side of the end-to-end tests: run xfrmtrace while IPsec scenarios move counters.
+"""Guest side of the end-to-end suite: xfrmtrace runs while every scenario moves its counter.
 
-Runs INSIDE the VM as root.  Starts ``xfrmtrace trace --output json`` once,
-waits for its ready file, runs each scenario in a fresh lab, stops the tool
-with SIGINT, and writes everything the host-side assertions need to
-``<out>/results.json``: the tool's events and summary, and per scenario the
-/proc/net/xfrm_stat delta, the namespace inodes and interface indexes.
+Runs INSIDE the VM as root, once per kernel:
+
+1. Starts ``xfrmtrace trace --output json`` before any IPsec module is loaded.
+2. Late modules: loads xfrm_interface and waits for the tool to report its probes, then
+   unloads it and waits for the tool to drop them (kprobes list snapshots either side).
+   esp4 and esp6 get loaded by the scenarios' first ``ip xfrm state add``.
+3. Runs every scenario (tests/vmlab/scenarios.py) in its own namespaces, all kept alive
+   until the tool stops: namespace inodes are reused once a namespace is gone, and keeping
+   them makes each inode name exactly one namespace.
+4. Reads every namespace's /proc/net/xfrm_stat, stops the tool with SIGINT, checks that
+   no kprobe is left behind.
+5. Resolver audit: loads every module with sites and runs ``xfrmtrace sites --audit``.
+
+Everything the host-side assertions need lands in ``<out>/results.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +27,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from tests.vmlab import ipsec
+from tests.vmlab import ipsec, scenarios
 
-REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 600.0
+MODULE_TIMEOUT = 120.0
+KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
+# Modules with counter sites on Debian kernels (see `xfrmtrace sites`).
+SITE_MODULES = ("esp4", "esp6", "xfrm_interface", "ip_vti", "ip6_vti")
+LATE_MODULE = "xfrm_interface"
 
 
 def fast_capstone_env() -> Dict[str, str]:
@@ -38,126 +51,150 @@ def fast_capstone_env() -> Dict[str, str]:
     return {**os.environ, "LIBCAPSTONE_PATH": str(dst)}
 
 
-def tool_command(out: Path, extra: List[str], output: str = "json") -> List[str]:
-    return [str(Path(sys.executable).parent / "xfrmtrace"), "trace", "--output", output,
-            "--ready-file", str(out / "ready"), "--cache-dir", "/tmp/xfrmtrace-cache", *extra]
+def xfrmtrace() -> str:
+    return str(Path(sys.executable).parent / "xfrmtrace")
 
 
-def _netns_inode(ns: str) -> int:
-    return os.stat(f"/run/netns/{ns}").st_ino
+def loaded_modules() -> List[str]:
+    return [line.split()[0] for line in Path("/proc/modules").read_text().splitlines()]
 
 
-def _ifindex(ns: str, dev: str) -> int:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", dev], check=True,
-                         capture_output=True, text=True).stdout
-    return int(out.split(":", 1)[0])
-
-
-def _lab_facts(lab: ipsec.Lab) -> dict:
-    c = lab.cfg
-    return {
-        "netns": {c.ns_a: _netns_inode(c.ns_a), c.ns_b: _netns_inode(c.ns_b)},
-        "ifindex": {c.veth_a: _ifindex(c.ns_a, c.veth_a), c.veth_b: _ifindex(c.ns_b, c.veth_b)},
-        "config": {k: v for k, v in vars(c).items() if not k.startswith("key")},
-    }
-
-
-def _measure_all(lab: ipsec.Lab, action: Callable[[], object]) -> dict:
-    """xfrm_stat deltas of both namespaces around ``action``."""
-    c = lab.cfg
-    before = {ns: lab.xfrm_stat(ns) for ns in (c.ns_a, c.ns_b)}
-    action()
-    time.sleep(0.5)  # let softirq processing of the last packets finish
-    after = {ns: lab.xfrm_stat(ns) for ns in (c.ns_a, c.ns_b)}
-    return {ns: ipsec.counter_delta(before[ns], after[ns]) for ns in before}
-
-
-def scenario_in_no_states(lab: ipsec.Lab, count: int) -> dict:
-    """Classic case: the receiver's inbound SA is deleted, then traffic arrives."""
-    c = lab.cfg
-    lab.setup()
-    facts = _lab_facts(lab)
-    healthy = lab.ping(c.ns_a, c.addr_b, count=1)
-    lab.delete_state(c.ns_b, c.spi_ab, c.addr_b)
-    deltas = _measure_all(lab, lambda: lab.ping(c.ns_a, c.addr_b, count))
-    return {**facts, "healthy_before": healthy, "sent": count, "deltas": deltas}
-
-
-def scenario_out_no_states(lab: ipsec.Lab, count: int) -> dict:
-    """The sender's out policy has a template no SA satisfies."""
-    c = lab.cfg
-    missing = lab.sa(c.ns_a, c.addr_a, c.addr_b)
-    lab.setup(sas=[sa for sa in lab.sas() if sa != missing])
-    facts = _lab_facts(lab)
-    deltas = _measure_all(lab, lambda: lab.ping(c.ns_a, c.addr_b, count))
-    return {**facts, "sent": count, "deltas": deltas}
-
-
-SCENARIOS: Dict[str, Callable[[ipsec.Lab, int], dict]] = {
-    "in-no-states": scenario_in_no_states,
-    "out-no-states": scenario_out_no_states,
-}
-
-
-def run_scenarios(names: List[str], count: int, ns_prefix: str, record: dict) -> None:
-    """Run each scenario in its own pair of namespaces, all kept until the end.
-
-    Namespace inodes are reused once a namespace is gone; keeping every lab
-    alive while the tool runs makes each inode name exactly one namespace.
-    A new namespace's counters start at zero, so its final /proc values are
-    the lifetime totals the tool's events must add up to.
-    """
-    labs = []
+def kprobes() -> List[str]:
+    """Every kprobe in the kernel (debugfs), one line each."""
     try:
-        for n, name in enumerate(names):
-            lab = ipsec.Lab(ipsec.LabConfig(ns_a=f"{ns_prefix}{n}-a", ns_b=f"{ns_prefix}{n}-b"))
-            labs.append((name, lab))
-            try:
-                record[name] = SCENARIOS[name](lab, count)
-            except Exception as err:  # noqa: BLE001 - reported to the host test
-                record[name] = {"error": f"{type(err).__name__}: {err}"}
-        time.sleep(1.0)
-        for name, lab in labs:
-            if "error" not in record[name]:
-                record[name]["totals"] = {ns: lab.xfrm_stat(ns)
-                                          for ns in (lab.cfg.ns_a, lab.cfg.ns_b)}
-    finally:
-        for _name, lab in labs:
-            lab.teardown()
+        return KPROBES_LIST.read_text().splitlines()
+    except OSError as err:
+        return [f"cannot read {KPROBES_LIST}: {err}"]
 
 
-def run(out: Path, scenarios: List[str], count: int, extra: List[str],
-        ns_prefix: str = "xt", output: str = "json") -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ready").unlink(missing_ok=True)
-    started = time.monotonic()
-    events_path, stderr_path = out / "events.jsonl", out / "stderr.txt"
-    with open(events_path, "w") as events, open(stderr_path, "w") as stderr:
-        tool = subprocess.Popen(tool_command(out, extra, output), stdout=events, stderr=stderr,
-                                env=fast_capstone_env())
-        while not (out / "ready").exists() and tool.poll() is None:
+def in_module(lines: List[str], module: str) -> List[str]:
+    """The kprobes list lines (``ADDR  k  func+0x12  esp4 [FLAGS]``) of probes in ``module``."""
+    return [line for line in lines
+            if len(parts := line.split()) >= 4 and parts[3].strip("[]") == module]
+
+
+class Tool:
+    """The xfrmtrace process under test and its output files."""
+
+    def __init__(self, out: Path, extra: List[str], output: str = "json") -> None:
+        self.ready_file = out / "ready"
+        self.ready_file.unlink(missing_ok=True)
+        self.events_path, self.stderr_path = out / "events.jsonl", out / "stderr.txt"
+        argv = [xfrmtrace(), "trace", "--output", output, "--ready-file", str(self.ready_file),
+                "--cache-dir", "/tmp/xfrmtrace-cache", *extra]
+        with open(self.events_path, "w") as events, open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(argv, stdout=events, stderr=stderr,
+                                         env=fast_capstone_env())
+
+    def wait_ready(self) -> bool:
+        started = time.monotonic()
+        while not self.ready_file.exists() and self.proc.poll() is None:
             if time.monotonic() - started > READY_TIMEOUT:
-                break
+                return False
             time.sleep(0.2)
-        results: dict = {"ready_seconds": round(time.monotonic() - started, 1), "scenarios": {}}
-        if (out / "ready").exists():
-            run_scenarios(scenarios, count, ns_prefix, results["scenarios"])
-        if tool.poll() is None:
-            tool.send_signal(signal.SIGINT)
+        return self.ready_file.exists()
+
+    def wait_for_status(self, text: str, timeout: float = MODULE_TIMEOUT) -> Optional[float]:
+        """Seconds until ``text`` appeared on the tool's stderr, or None."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout and self.proc.poll() is None:
+            if text in self.stderr_path.read_text():
+                return round(time.monotonic() - started, 2)
+            time.sleep(0.1)
+        return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
         try:
-            tool.wait(timeout=120)
+            return self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            tool.kill()
-            tool.wait()
-    results["returncode"] = tool.returncode
-    results["stderr"] = stderr_path.read_text()
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def late_module_phase(tool: Tool) -> Dict[str, Any]:
+    """Load a module with sites while tracing, then unload it."""
+    record: Dict[str, Any] = {"module": LATE_MODULE}
+    ipsec.run(["modprobe", LATE_MODULE])
+    record["attach_seconds"] = tool.wait_for_status(f"Module {LATE_MODULE} loaded")
+    record["probes_loaded"] = in_module(kprobes(), LATE_MODULE)
+    ipsec.run(["rmmod", LATE_MODULE])
+    record["detach_seconds"] = tool.wait_for_status(f"Module {LATE_MODULE} unloaded")
+    record["probes_unloaded"] = in_module(kprobes(), LATE_MODULE)
+    return record
+
+
+def run_scenarios(names: List[str], count: int) -> tuple[Dict[str, Any], list]:
+    counters = set(ipsec.parse_xfrm_stat(Path("/proc/net/xfrm_stat").read_text()))
+    records: Dict[str, Any] = {}
+    contexts = []
+    for n, name in enumerate(names):
+        ctx = scenarios.Context(f"s{n}", count)
+        contexts.append((name, ctx))
+        records[name] = scenarios.run_one(scenarios.SCENARIOS[name], ctx, counters)
+    time.sleep(1.0)
+    for name, ctx in contexts:
+        if "labs" in records[name]:
+            ctx.totals()
+    return records, [ctx for _name, ctx in contexts]
+
+
+def resolver_audit(out: Path) -> Dict[str, Any]:
+    """Every gs-relative increment in kernel and module text, with its classification."""
+    for module in SITE_MODULES:
+        ipsec.run(["modprobe", module], check=False)
+    started = time.monotonic()
+    audit_path = out / "audit.json"
+    with open(audit_path, "w") as audit:
+        proc = subprocess.run([xfrmtrace(), "sites", "--audit", "--output", "json",
+                               "--cache-dir", "/tmp/xfrmtrace-cache"],
+                              stdout=audit, stderr=subprocess.PIPE, text=True,
+                              env=fast_capstone_env())
+    return {"returncode": proc.returncode, "stderr": proc.stderr,
+            "seconds": round(time.monotonic() - started, 1),
+            "modules": [m for m in SITE_MODULES if m in loaded_modules()]}
+
+
+def run(out: Path, names: List[str], count: int, extra: List[str], output: str = "json",
+        quick: bool = False) -> Dict[str, Any]:
+    """``quick``: only the scenarios (no late-module phase, no audit), as ``make demo`` wants."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = {
+        "kernel": os.uname().release,
+        "site_modules_at_start": [m for m in SITE_MODULES if m in loaded_modules()],
+        "scenarios": {},
+    }
+    started = time.monotonic()
+    tool = Tool(out, extra, output)
+    contexts = []
+    try:
+        ready = tool.wait_ready()
+        results["ready_seconds"] = round(time.monotonic() - started, 1)
+        if ready and not quick:
+            results["late_module"] = late_module_phase(tool)
+        if ready:
+            t0 = time.monotonic()
+            results["scenarios"], contexts = run_scenarios(names, count)
+            results["scenario_seconds"] = round(time.monotonic() - t0, 1)
+            results["kprobes_while_tracing"] = kprobes()
+            results["site_modules_while_tracing"] = [m for m in SITE_MODULES
+                                                     if m in loaded_modules()]
+    finally:
+        results["returncode"] = tool.stop()
+        for ctx in contexts:
+            ctx.close()
+    results["kprobes_after_exit"] = kprobes()
+    results["stderr"] = tool.stderr_path.read_text()
     if output == "json":
-        lines = [json.loads(line) for line in events_path.read_text().splitlines()
+        lines = [json.loads(line) for line in tool.events_path.read_text().splitlines()
                  if line.strip()]
         results["events"] = [x for x in lines if x.get("type") == "xfrm_error"]
         results["summary"] = next((x for x in lines if x.get("type") == "summary"), None)
     else:
-        results["text"] = events_path.read_text()
+        results["text"] = tool.events_path.read_text()
+    if not quick:
+        results["audit"] = resolver_audit(out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -166,12 +203,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.vmlab.trace_run")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=int, default=3)
-    parser.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS))
+    parser.add_argument("scenarios", nargs="*", help="default: all")
     parser.add_argument("--tool-arg", action="append", default=[],
                         help="extra xfrmtrace argument (repeatable)")
     parser.add_argument("--output", choices=("json", "text"), default="json")
+    parser.add_argument("--quick", action="store_true",
+                        help="scenarios only: no late-module phase, no resolver audit")
     args = parser.parse_args(argv)
-    run(args.out, args.scenarios, args.count, args.tool_arg, output=args.output)
+    unknown = [n for n in args.scenarios if n not in scenarios.SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(unknown)}")
+    run(args.out, args.scenarios or list(scenarios.SCENARIOS), args.count, args.tool_arg,
+        args.output, args.quick)
     return 0
 
 

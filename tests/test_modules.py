@@ -1,0 +1,84 @@
+"""Following module loads: /proc/modules diffs and the symbol table's per-module refresh.
+
+The end-to-end proof (a module loaded after start gets probes, unloading drops them) is in
+tests/test_vm_trace.py; these cover the bookkeeping on recorded files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xfrmtrace.errors import InputError
+from xfrmtrace.kallsyms import Kallsyms
+from xfrmtrace.modules import ModuleWatcher, read_modules
+
+MODULES = """\
+veth 36864 0 - Live 0xffffffffc0300000
+esp4 28672 2 - Live 0xffffffffc0a1b000
+xfrm_interface 40960 0 - Loading 0xffffffffc0b00000 (E)
+ip_vti 20480 0 - Unloading 0xffffffffc0c00000
+"""
+
+KALLSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81000000 T _text
+ffffffff81001000 T xfrm_input
+ffffffff81002000 t xfrm_rcv_cb
+ffffffff81003000 T _etext
+ffffffffc0a1b000 t esp_output_done\t[esp4]
+ffffffffc0a1b400 t esp_input\t[esp4]
+ffffffffc0300000 t veth_xmit\t[veth]
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_read_modules_skips_unloading_and_keeps_loading(tmp_path: Path) -> None:
+    modules = read_modules(_write(tmp_path / "modules", MODULES))
+    assert modules == {"veth": 0xFFFFFFFFC0300000, "esp4": 0xFFFFFFFFC0A1B000,
+                       "xfrm_interface": 0xFFFFFFFFC0B00000}
+
+
+def test_unreadable_modules_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read"):
+        read_modules(tmp_path / "missing")
+
+
+def test_watcher_reports_loads_unloads_and_reloads(tmp_path: Path) -> None:
+    path = _write(tmp_path / "modules", MODULES)
+    watcher = ModuleWatcher(path)
+    assert not watcher.poll()  # nothing changed
+    # esp4 reloaded at another address, veth gone, esp6 new.
+    _write(path, MODULES.replace("0xffffffffc0a1b000", "0xffffffffc0d00000")
+           .replace("veth 36864 0 - Live 0xffffffffc0300000\n", "")
+           + "esp6 28672 0 - Live 0xffffffffc0e00000\n")
+    changes = watcher.poll()
+    assert sorted(changes.unloaded) == ["esp4", "veth"]
+    assert sorted(changes.loaded) == ["esp4", "esp6"]
+    assert not watcher.poll()
+
+
+def test_refresh_modules_replaces_only_those_modules(tmp_path: Path) -> None:
+    syms = Kallsyms.parse(KALLSYMS)
+    assert syms.find("esp_input", "esp4") is not None
+    reloaded = (KALLSYMS.replace("ffffffffc0a1b", "ffffffffc0d00")
+                .replace("ffffffffc0300000 t veth_xmit\t[veth]\n", "")
+                + "ffffffffc0e00000 t esp6_input\t[esp6]\n")
+    path = _write(tmp_path / "kallsyms", reloaded)
+    # Only esp4 and esp6 are refreshed: veth's (stale) symbols stay as they were.
+    syms.refresh_modules(["esp4", "esp6"], path)
+    assert syms.address("esp_input", "esp4") == 0xFFFFFFFFC0D00400
+    assert syms.address("esp6_input", "esp6") == 0xFFFFFFFFC0E00000
+    assert syms.address("veth_xmit", "veth") == 0xFFFFFFFFC0300000
+    assert syms.lookup(0xFFFFFFFFC0A1B400) is None  # the old esp4 text is gone
+    assert syms.symbolize(0xFFFFFFFFC0D00410) == "esp_input+0x10 [esp4]"
+    assert syms.address("xfrm_input") == 0xFFFFFFFF81001000
+    # A module that is gone loses its symbols.
+    syms.refresh_modules(["veth"], path)
+    assert syms.find("veth_xmit", "veth") is None
+    assert "veth" not in syms.objects()
