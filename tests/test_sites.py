@@ -238,6 +238,15 @@ f1:
     text = path.read_text().replace('"offset": 8', '"offset": 1')
     path.write_text(text)
     assert cache.load("vmlinux", "abc", view) is None
+    # A site that kallsyms now places in another function (a symbol appeared between the
+    # function's start and the site) is refused, even though the bytes still match.
+    cache.store("vmlinux", "abc", result)
+    site = result.sites[0]
+    split = Kallsyms.parse(f"{BASE:016x} T _stext\n{BASE:016x} T f1\n"
+                           f"{site.address - 1:016x} t neighbour\n"
+                           f"{BASE + len(a.code):016x} T _etext\n")
+    assert cache.load("vmlinux", "abc", SimpleNamespace(syms=split, text=view.text)) is None
+    assert cache.load("vmlinux", "abc", view) is not None
 
 
 def test_classification_is_exhaustive(asm):

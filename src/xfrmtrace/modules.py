@@ -19,12 +19,12 @@ PROC_MODULES = Path("/proc/modules")
 
 
 def read_modules(path: Union[str, Path] = PROC_MODULES) -> dict[str, int]:
-    """Module name -> load address of every module whose text is in place.
+    """Module name -> load address of every live module.
 
-    A module that is being unloaded counts as gone.  One that is still
-    initialising ("Loading") counts as loaded: its text is final, and probing
-    it before its init function registers protocol handlers closes the window
-    in which its counters could move unseen.
+    A module that is still initialising ("Loading") does not count yet: while
+    it is, /proc/kallsyms lists its init functions too, whose memory is freed
+    and handed to the next module once init is done; symbols read then would
+    later claim another module's code.  One being unloaded counts as gone.
     """
     try:
         text = Path(path).read_text()
@@ -34,7 +34,7 @@ def read_modules(path: Union[str, Path] = PROC_MODULES) -> dict[str, int]:
     for line in text.splitlines():
         # name size refcount users state address [taint]
         parts = line.split()
-        if len(parts) < 6 or parts[4] == "Unloading":
+        if len(parts) < 6 or parts[4] != "Live":
             continue
         try:
             modules[parts[0]] = int(parts[5], 16)

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Protocol, TextIO
 from xfrmtrace.discovery import KernelView, function_arguments, resolve_sites
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 from xfrmtrace.events import EventDecoder, XfrmErrorEvent
+from xfrmtrace.kallsyms import VMLINUX
 from xfrmtrace.model import Site
 from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
@@ -166,14 +167,38 @@ class TraceSession:
         except XfrmtraceError as err:
             self._status(f"warning: cannot follow module changes: {err}")
             return
-        for name in changes.loaded:
+        misplaced = self._misplaced_objects(tracer)
+        for name in misplaced:
+            # Detach first: a probe's int3 would hide the instruction from the new resolution.
+            self._status(f"warning: module {name}: probed code now belongs to another module; "
+                         "resolving its sites again")
+            tracer.remove_object(name)
+        for name in sorted(set(changes.loaded) | misplaced):
             self._attach_module(tracer, name)
+
+    def _misplaced_objects(self, tracer: Tracer) -> set[str]:
+        """Modules with a probed site that the symbol table now places elsewhere.
+
+        A module's last function has no end marker in kallsyms; while a neighbour is
+        still being loaded (invisible until it is formed), the assumed extent can run
+        into the neighbour's fresh code.  When the neighbour appears, its symbols show
+        the mistake.
+        """
+        misplaced = set()
+        for site in tracer.sites.values():
+            if site.object == VMLINUX or site.address not in tracer.attached_addresses(
+                    site.object):
+                continue
+            func = self._view.syms.lookup(site.address)
+            if func is None or (func.object, func.name) != (site.object, site.function):
+                misplaced.add(site.object)
+        return misplaced
 
     def _attach_module(self, tracer: Tracer, name: str) -> None:
         started = time.monotonic()
         try:
             sites = resolve_sites(self._view, [name], self._cache).sites
-        except XfrmtraceError as err:
+        except (XfrmtraceError, OSError) as err:  # e.g. unloaded again while we read it
             self._status(f"warning: module {name} loaded, but its sites cannot be resolved: "
                          f"{err}")
             return

@@ -126,7 +126,14 @@ class SiteCache:
         start = view.syms.address(record["function"], obj)
         if start is None:
             raise ValueError(f"function {record['function']} is not in kallsyms")
-        return int(start) + int(record["offset"])
+        address = int(start) + int(record["offset"])
+        # Symbols decide where a function ends; a record written from a wrong view of them
+        # (a neighbouring module that was not yet visible) must not outlive that view.
+        func = view.syms.lookup(address)
+        if func is None or (func.name, func.object) != (record["function"], obj):
+            raise ValueError(f"{record['function']}+{int(record['offset']):#x} is outside "
+                             "that function")
+        return address
 
     def _site(self, obj: str, record: dict[str, Any], view: KernelView) -> Site:
         address = self._address(obj, record, view)
