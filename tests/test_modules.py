@@ -81,3 +81,23 @@ def test_refresh_modules_replaces_only_those_modules(tmp_path: Path) -> None:
     syms.refresh_modules(["veth"], path)
     assert syms.find("veth_xmit", "veth") is None
     assert "veth" not in syms.objects()
+
+
+def test_refresh_drops_init_symbols_of_a_module_just_gone_live(tmp_path: Path) -> None:
+    """Right after init, kallsyms still lists init functions whose memory is about to be
+    freed (and reused by the next module); /sys/module says where that memory is."""
+    syms = Kallsyms.parse(KALLSYMS)
+    sysfs = tmp_path / "module"
+    (sysfs / "esp6" / "sections").mkdir(parents=True)
+    (sysfs / "esp6" / "initsize").write_text("4096\n")
+    (sysfs / "esp6" / "sections" / ".init.text").write_text("0xffffffffc0f00000\n")
+    path = _write(tmp_path / "kallsyms", KALLSYMS
+                  + "ffffffffc0e00000 t esp6_input\t[esp6]\n"
+                  + "ffffffffc0f00010 T esp6_init\t[esp6]\n")
+    syms.refresh_modules(["esp6"], path, sysfs)
+    assert syms.find("esp6_input", "esp6") is not None
+    assert syms.find("esp6_init", "esp6") is None
+    # Once init memory is gone (initsize 0), nothing is filtered.
+    (sysfs / "esp6" / "initsize").write_text("0\n")
+    syms.refresh_modules(["esp6"], path, sysfs)
+    assert syms.find("esp6_init", "esp6") is not None

@@ -70,8 +70,8 @@ class Kallsyms:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
         return cls(symbols, core_text_end=etext)
 
-    def refresh_modules(self, modules: Iterable[str], path: Union[str, Path] = PROC_KALLSYMS
-                        ) -> None:
+    def refresh_modules(self, modules: Iterable[str], path: Union[str, Path] = PROC_KALLSYMS,
+                        sysfs: Path = Path("/sys/module")) -> None:
         """Re-read the symbols of ``modules``: loaded, reloaded elsewhere, or gone.
 
         Only those modules' lines are parsed, so a module load costs a read of
@@ -80,13 +80,17 @@ class Kallsyms:
         names = set(modules)
         if not names:
             return
+        # Read before kallsyms: the kernel drops init symbols from kallsyms before it
+        # zeroes the init size, so a non-zero size read first covers whatever we see.
+        init_text = {name: _init_text(name, sysfs) for name in names}
         try:
             text = Path(path).read_text(errors="replace")
         except OSError as err:
             raise InputError(f"cannot read {path}: {err.strerror}") from err
         suffixes = tuple(f"[{name}]" for name in names)
         lines = [line for line in text.splitlines() if line.endswith(suffixes)]
-        fresh = _parse_lines(lines, str(path))[0]
+        fresh = [(addr, name, obj) for addr, name, obj in _parse_lines(lines, str(path))[0]
+                 if not init_text[obj][0] <= addr < init_text[obj][1]]
         kept = [(a, n, o) for a, n, o in zip(self._addrs, self._names, self._objects)
                 if o not in names]
         self._index(kept + fresh)
@@ -180,3 +184,18 @@ def _parse_lines(lines: Iterable[str], source: str) -> tuple[list[tuple[int, str
             "(or lower kernel.kptr_restrict)"
         )
     return symbols, etext
+
+
+def _init_text(module: str, sysfs: Path) -> tuple[int, int]:
+    """[start, end) of a module's init text while it still has one, else (0, 0).
+
+    A module that has just gone live still lists its init functions in kallsyms for a
+    moment; that memory is freed right after and the next module is often loaded
+    there, so symbols kept from it would later claim that module's code.
+    """
+    try:
+        size = int((sysfs / module / "initsize").read_text())
+        start = int((sysfs / module / "sections" / ".init.text").read_text(), 16)
+    except (OSError, ValueError):
+        return 0, 0
+    return (start, start + size) if size > 0 else (0, 0)

@@ -17,7 +17,7 @@ from xfrmtrace.model import Site
 from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
 from xfrmtrace.output import jsonl, text
-from xfrmtrace.sitecache import SiteCache
+from xfrmtrace.sitecache import SiteCache, decodes_as_resolved
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
 
 log = logging.getLogger("xfrmtrace.session")
@@ -169,12 +169,27 @@ class TraceSession:
             return
         misplaced = self._misplaced_objects(tracer)
         for name in misplaced:
-            # Detach first: a probe's int3 would hide the instruction from the new resolution.
             self._status(f"warning: module {name}: probed code now belongs to another module; "
                          "resolving its sites again")
+            # Detach first, and wait until the probed bytes are back: a kprobe's int3 (or an
+            # optimized probe's jump, restored a little later) would hide the instruction
+            # from the neighbour's resolution.
+            sites = [s for s in tracer.sites.values()
+                     if s.object == name and s.address in tracer.attached_addresses(name)]
             tracer.remove_object(name)
+            self._wait_for_original_text(sites)
         for name in sorted(set(changes.loaded) | misplaced):
             self._attach_module(tracer, name)
+
+    def _wait_for_original_text(self, sites: list[Site], timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(sites)
+        while pending and time.monotonic() < deadline:
+            pending = [s for s in pending if not decodes_as_resolved(s, self._view.text.read)]
+            if pending:
+                time.sleep(0.02)
+        for site in pending:
+            log.warning("text at %s still differs after removing its probe", site.label)
 
     def _misplaced_objects(self, tracer: Tracer) -> set[str]:
         """Modules with a probed site that the symbol table now places elsewhere.

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import capstone
 
@@ -147,7 +147,13 @@ class SiteCache:
     @staticmethod
     def _check_instruction(site: Site, view: KernelView) -> None:
         """The cached site must still decode to the very instruction it was resolved from."""
-        code = view.text.read(site.address, 16)
-        insn = next(_DISASSEMBLER.disasm_lite(code, site.address, 1), None)
-        if insn is None or f"{insn[2]} {insn[3]}" != site.instruction:
+        if not decodes_as_resolved(site, view.text.read):
             raise ValueError(f"instruction at {site.label} differs from the cached one")
+
+
+def decodes_as_resolved(site: Site, read: Callable[[int, int], bytes]) -> bool:
+    """True when the text at ``site`` is still the instruction it was resolved from (not,
+    say, a kprobe's int3 or jump)."""
+    code = read(site.address, 16)
+    insn = next(_DISASSEMBLER.disasm_lite(code, site.address, 1), None)
+    return insn is not None and f"{insn[2]} {insn[3]}" == site.instruction

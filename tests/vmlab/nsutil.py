@@ -7,14 +7,11 @@ the namespace it was created in after the thread switches back.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import socket
 import struct
-from contextlib import contextmanager
-from typing import Iterator
 
-CLONE_NEWNET = 0x40000000
+from xfrmtrace import nsenter
+
 UDP_ENCAP = 100  # setsockopt(SOL_UDP, UDP_ENCAP, ...)
 UDP_ENCAP_ESPINUDP = 2
 IPPROTO_ESP = 50
@@ -22,29 +19,10 @@ IP_XFRM_POLICY = 17
 XFRM_POLICY_IN, XFRM_POLICY_OUT = 0, 1
 XFRM_POLICY_ALLOW = 0
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def entered(ns: str) -> Iterator[None]:
+def entered(ns: str):
     """Run the body with this thread in network namespace ``ns`` (a name in /run/netns)."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
+    return nsenter.entered(f"/run/netns/{ns}")
 
 
 def bypass_policy(direction: int, family: int = socket.AF_INET) -> bytes:
