@@ -84,20 +84,25 @@ def test_refresh_modules_replaces_only_those_modules(tmp_path: Path) -> None:
 
 
 def test_refresh_drops_init_symbols_of_a_module_just_gone_live(tmp_path: Path) -> None:
-    """Right after init, kallsyms still lists init functions whose memory is about to be
-    freed (and reused by the next module); /sys/module says where that memory is."""
+    """Right after init, kallsyms still lists init functions whose memory is freed (and
+    reused by the next module); /sys/module/NAME/sections says which section is init."""
     syms = Kallsyms.parse(KALLSYMS)
-    sysfs = tmp_path / "module"
-    (sysfs / "esp6" / "sections").mkdir(parents=True)
-    (sysfs / "esp6" / "initsize").write_text("4096\n")
-    (sysfs / "esp6" / "sections" / ".init.text").write_text("0xffffffffc0f00000\n")
+    sections = tmp_path / "module" / "esp6" / "sections"
+    sections.mkdir(parents=True)
+    for name, start in ((".text", 0xFFFFFFFFC0E00000), (".exit.text", 0xFFFFFFFFC0E00800),
+                        (".init.text", 0xFFFFFFFFC0F00000), (".data", 0xFFFFFFFFC0F10000)):
+        (sections / name).write_text(f"{start:#x}\n")
     path = _write(tmp_path / "kallsyms", KALLSYMS
                   + "ffffffffc0e00000 t esp6_input\t[esp6]\n"
+                  + "ffffffffc0e00800 t esp6_fini\t[esp6]\n"
                   + "ffffffffc0f00010 T esp6_init\t[esp6]\n")
-    syms.refresh_modules(["esp6"], path, sysfs)
+    syms.refresh_modules(["esp6"], path, tmp_path / "module")
     assert syms.find("esp6_input", "esp6") is not None
+    assert syms.find("esp6_fini", "esp6") is not None
     assert syms.find("esp6_init", "esp6") is None
-    # Once init memory is gone (initsize 0), nothing is filtered.
-    (sysfs / "esp6" / "initsize").write_text("0\n")
-    syms.refresh_modules(["esp6"], path, sysfs)
+    # Without sysfs (not root, or no such module) nothing is filtered.
+    syms.refresh_modules(["esp6"], path, tmp_path / "nowhere")
     assert syms.find("esp6_init", "esp6") is not None
+    # The same filter applies when the whole table is read.
+    full = Kallsyms.load(path, sysfs=tmp_path / "module")
+    assert full.find("esp6_init", "esp6") is None and full.find("esp6_input", "esp6")

@@ -231,8 +231,8 @@ def test_json_time_is_utc_whatever_the_local_zone(berlin_time: None) -> None:
 def test_json_fields_markdown() -> None:
     table = jsonl.json_fields_markdown()
     rows = table.strip().split("\n")
-    assert rows[0] == "| Key | Type | Meaning |" and len(rows) == 2 + len(EXPECTED_KEYS) + 1
-    assert [row.split("`")[1] for row in rows[2:]] == EXPECTED_KEYS + ["stack"]
+    assert rows[0] == "| Key | Type | Meaning |" and len(rows) == 2 + len(EXPECTED_KEYS) + 2
+    assert [row.split("`")[1] for row in rows[2:]] == EXPECTED_KEYS + ["stack", "explain"]
     assert table in (jsonl.__doc__ or "")
 
 

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event format: text lines or one JSON object per line (default text)")
     out.add_argument("--output-stack", action="store_true",
                      help="add the kernel stack of each increment")
+    out.add_argument("--no-xfrm-state", action="store_true",
+                     help="do not follow SAs and policies over netlink: no SA/policy "
+                     "timeline, no explanations")
+    out.add_argument("--show-keys", action="store_true",
+                     help="print SA keys in the SA/policy timeline (default: <redacted>)")
     filt = trace.add_argument_group("filters (counts stay exact; only events are filtered)")
     filt.add_argument("--filter-counter", metavar="NAME[,NAME]",
                       help="only these counters, e.g. XfrmInNoStates,XfrmOutNoStates")
@@ -228,7 +233,8 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     options = SessionOptions(
         output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
         filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_mib=args.ringbuf_size,
-        ready_file=args.ready_file)
+        ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
+        show_keys=args.show_keys)
     # Status lines go to stdout with text output, to stderr when stdout carries JSON.
     status_stream = sys.stderr if args.output == "json" else out
 

@@ -12,7 +12,7 @@ import re
 import sys
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from xfrmtrace import abi
 from xfrmtrace.errors import DecodeError
@@ -103,6 +103,7 @@ class XfrmErrorEvent:
     stack: Optional[List[str]] = None  # symbolized kernel stack, innermost first
     packet: bytes = b""  # the copied bytes, from the L3 header on (for pcap outputs)
     mib_ptr: int = 0
+    explain: Optional[Any] = None  # xfrmtrace.explain.Explanation, when the SAD/SPD is followed
 
     @property
     def site_label(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -10,8 +11,11 @@ from typing import Iterable, Iterator, Optional, Union
 from xfrmtrace.errors import InputError, PermissionProblem
 from xfrmtrace.model import code_location
 
+log = logging.getLogger("xfrmtrace.kallsyms")
+
 VMLINUX = "vmlinux"
 PROC_KALLSYMS = Path("/proc/kallsyms")
+SYS_MODULE = Path("/sys/module")
 
 # Module text is laid out by the module loader; past a module's last text
 # symbol we have no end marker, so we assume at most this much code follows.
@@ -55,23 +59,36 @@ class Kallsyms:
     # --- loading -----------------------------------------------------------
 
     @classmethod
-    def load(cls, path: Union[str, Path] = PROC_KALLSYMS) -> Kallsyms:
-        """Parse a kallsyms file; the live one needs root to show real addresses."""
+    def load(cls, path: Union[str, Path] = PROC_KALLSYMS,
+             sysfs: Optional[Path] = None) -> Kallsyms:
+        """Parse a kallsyms file; the live one needs root to show real addresses.
+
+        ``sysfs`` (default: /sys/module for the live file) is where module section
+        addresses are read from, to drop stale init symbols (see :class:`_Sections`).
+        """
         try:
             text = Path(path).read_text(errors="replace")
         except OSError as err:
             raise InputError(f"cannot read {path}: {err.strerror}") from err
-        return cls.parse(text, source=str(path))
+        if sysfs is None and Path(path) == PROC_KALLSYMS:
+            sysfs = SYS_MODULE
+        return cls.parse(text, source=str(path), sysfs=sysfs)
 
     @classmethod
-    def parse(cls, text: str, source: str = "kallsyms") -> Kallsyms:
+    def parse(cls, text: str, source: str = "kallsyms",
+              sysfs: Optional[Path] = None) -> Kallsyms:
         symbols, etext = _parse_lines(text.splitlines(), source)
         if not symbols:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
+        if sysfs is not None:
+            sections = {obj: _Sections.of(obj, sysfs)
+                        for obj in {o for _a, _n, o in symbols if o != VMLINUX}}
+            symbols = [(a, n, o) for a, n, o in symbols
+                       if o == VMLINUX or not sections[o].is_init(a)]
         return cls(symbols, core_text_end=etext)
 
     def refresh_modules(self, modules: Iterable[str], path: Union[str, Path] = PROC_KALLSYMS,
-                        sysfs: Path = Path("/sys/module")) -> None:
+                        sysfs: Path = SYS_MODULE) -> None:
         """Re-read the symbols of ``modules``: loaded, reloaded elsewhere, or gone.
 
         Only those modules' lines are parsed, so a module load costs a read of
@@ -80,9 +97,7 @@ class Kallsyms:
         names = set(modules)
         if not names:
             return
-        # Read before kallsyms: the kernel drops init symbols from kallsyms before it
-        # zeroes the init size, so a non-zero size read first covers whatever we see.
-        init_text = {name: _init_text(name, sysfs) for name in names}
+        sections = {name: _Sections.of(name, sysfs) for name in names}
         try:
             text = Path(path).read_text(errors="replace")
         except OSError as err:
@@ -90,7 +105,7 @@ class Kallsyms:
         suffixes = tuple(f"[{name}]" for name in names)
         lines = [line for line in text.splitlines() if line.endswith(suffixes)]
         fresh = [(addr, name, obj) for addr, name, obj in _parse_lines(lines, str(path))[0]
-                 if not init_text[obj][0] <= addr < init_text[obj][1]]
+                 if not sections[obj].is_init(addr)]
         kept = [(a, n, o) for a, n, o in zip(self._addrs, self._names, self._objects)
                 if o not in names]
         self._index(kept + fresh)
@@ -186,16 +201,32 @@ def _parse_lines(lines: Iterable[str], source: str) -> tuple[list[tuple[int, str
     return symbols, etext
 
 
-def _init_text(module: str, sysfs: Path) -> tuple[int, int]:
-    """[start, end) of a module's init text while it still has one, else (0, 0).
+class _Sections:
+    """Where a module's ELF sections were placed (/sys/module/NAME/sections, root only).
 
-    A module that has just gone live still lists its init functions in kallsyms for a
-    moment; that memory is freed right after and the next module is often loaded
-    there, so symbols kept from it would later claim that module's code.
+    Right after a module goes live, kallsyms still lists its init functions for a while
+    (seen on 7.2), although their memory is freed and often handed to the next module;
+    symbols kept from then would later claim that module's code.  A symbol lies in the
+    section with the greatest start at or below it; those in ``.init*`` are dropped.
     """
-    try:
-        size = int((sysfs / module / "initsize").read_text())
-        start = int((sysfs / module / "sections" / ".init.text").read_text(), 16)
-    except (OSError, ValueError):
-        return 0, 0
-    return (start, start + size) if size > 0 else (0, 0)
+
+    def __init__(self, starts: list[tuple[int, str]]) -> None:
+        self._starts = sorted(starts)
+        self._addresses = [start for start, _name in self._starts]
+
+    @classmethod
+    def of(cls, module: str, sysfs: Path) -> _Sections:
+        starts = []
+        try:
+            for entry in (sysfs / module / "sections").iterdir():
+                try:
+                    starts.append((int(entry.read_text(), 16), entry.name))
+                except (OSError, ValueError):
+                    continue
+        except OSError:
+            pass  # no sysfs (or not root): nothing is filtered
+        return cls(starts)
+
+    def is_init(self, addr: int) -> bool:
+        i = bisect.bisect_right(self._addresses, addr) - 1
+        return i >= 0 and self._starts[i][1].startswith(".init")

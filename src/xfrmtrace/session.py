@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -12,13 +13,17 @@ from typing import Callable, Optional, Protocol, TextIO
 from xfrmtrace.discovery import KernelView, function_arguments, resolve_sites
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 from xfrmtrace.events import EventDecoder, XfrmErrorEvent
+from xfrmtrace.explain import explain
 from xfrmtrace.kallsyms import VMLINUX
 from xfrmtrace.model import Site
 from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
+from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
 from xfrmtrace.sitecache import SiteCache, decodes_as_resolved
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
+from xfrmtrace.xfrmnl.changes import XfrmChange
+from xfrmtrace.xfrmnl.watch import XfrmWatcher
 
 log = logging.getLogger("xfrmtrace.session")
 
@@ -41,6 +46,8 @@ class SessionOptions:
     rate_limit: int = 0
     ringbuf_mib: int = 4
     ready_file: Optional[Path] = None
+    follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
+    show_keys: bool = False
 
 
 @dataclass
@@ -85,6 +92,10 @@ class TraceSession:
         self._netns = NetnsNames()
         self.netns_names = self._netns.name
         self._format = jsonl.format_event if options.output == "json" else text.format_event
+        self._format_change = (changes_out.format_change_json if options.output == "json"
+                               else changes_out.format_change_text)
+        self._clock_offset = time.time_ns() - time.monotonic_ns()
+        self._pending: list[XfrmErrorEvent] = []
         self.events = 0
 
     def _config(self, counter_filter: Optional[set[int]]) -> TraceConfig:
@@ -106,28 +117,57 @@ class TraceSession:
             ringbuf_bytes=max(1, self._options.ringbuf_mib) << 20,
         )
 
+    def _wall_clock(self, monotonic_ns: int) -> int:
+        return monotonic_ns + self._clock_offset  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+
     def _decoder(self, tracer: Tracer) -> EventDecoder:
-        offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         return EventDecoder(
             sites=tracer.sites,  # the tracer adds module sites to it as they load
             counter_names=self._view.model.counters,
-            clock=lambda mono_ns: mono_ns + offset,
+            clock=self._wall_clock,
             netns_name=self._netns.name,
             symbolize=self._view.syms.symbolize,
         )
 
     def _on_event(self, decoder: EventDecoder) -> Callable[[bytes], None]:
         def handle(raw: bytes) -> None:
-            event: XfrmErrorEvent = decoder.decode(raw)
+            self._pending.append(decoder.decode(raw))
+        return handle
+
+    def _start_xfrm_watch(self) -> Optional[XfrmWatcher]:
+        if not self._options.follow_xfrm:
+            return None
+        watcher = XfrmWatcher(show_keys=self._options.show_keys)
+        try:
+            watcher.start()
+        except OSError as err:
+            self._status(f"warning: cannot follow SA/policy changes ({err}): events come "
+                         "without explanations")
+            watcher.close()
+            return None
+        return watcher
+
+    def _emit(self, watcher: Optional[XfrmWatcher], changes: list[XfrmChange]) -> None:
+        """Write what arrived: SA/policy changes first (a notification is queued before
+        anything it causes can happen), then the counter events, each explained."""
+        for change in changes:
+            change.time_ns = self._wall_clock(change.monotonic_ns)
+            change.netns_name = self._netns.name(change.netns)
+            self._out.write(self._format_change(change) + "\n")
+        events, self._pending = self._pending, []
+        for event in events:
+            if watcher is not None:
+                event.explain = explain(event, watcher.db)
             self._out.write(self._format(event) + "\n")
             self.events += 1
-        return handle
+        self._out.flush()
 
     def run(self, stop: StopFlag, deadline: Optional[float] = None,
             counter_filter: Optional[set[int]] = None) -> Summary:
         """Trace until ``stop.stopped`` or ``deadline`` (monotonic seconds)."""
         started = time.monotonic()
         tracer = Tracer(self._config(counter_filter))
+        watcher = self._start_xfrm_watch()
         try:
             tracer.load()
             log.info("BPF object loaded (%.2fs)", time.monotonic() - started)
@@ -140,17 +180,25 @@ class TraceSession:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
             next_module_poll = time.monotonic()
             while not stop.stopped and (deadline is None or time.monotonic() < deadline):
-                tracer.poll(_POLL_MS)
-                self._out.flush()
+                fds = [tracer.fileno(), *(watcher.fds() if watcher else [])]
+                try:
+                    ready = set(select.select(fds, [], [], _POLL_MS / 1000)[0])
+                except InterruptedError:
+                    ready = set()
+                changes = watcher.poll(ready) if watcher else []
+                tracer.drain()
+                self._emit(watcher, changes)
                 if self._modules is not None and time.monotonic() >= next_module_poll:
                     self._follow_modules(tracer, self._modules)
                     next_module_poll = time.monotonic() + _MODULE_POLL_S
             tracer.detach()
             tracer.drain()  # events already queued are still delivered
-            self._out.flush()
+            self._emit(watcher, watcher.poll() if watcher else [])
             summary = self._summary(tracer, time.monotonic() - started)
         finally:
             tracer.close()
+            if watcher is not None:
+                watcher.close()
         return summary
 
     def _follow_modules(self, tracer: Tracer, watcher: ModuleWatcher) -> None:
@@ -158,6 +206,8 @@ class TraceSession:
         changes = watcher.poll()
         if not changes:
             return
+        log.info("modules loaded: %s; unloaded: %s", " ".join(changes.loaded) or "-",
+                 " ".join(changes.unloaded) or "-")
         for name in changes.unloaded:
             removed = tracer.remove_object(name)
             if removed:

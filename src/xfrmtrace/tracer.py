@@ -215,6 +215,11 @@ class Tracer:
         assert self._ring is not None
         return self._ring.poll(timeout_ms)
 
+    def fileno(self) -> int:
+        """Readable when events are waiting (for select/poll)."""
+        assert self._ring is not None
+        return self._ring.fileno()
+
     def drain(self) -> int:
         """Deliver everything still in the ring buffer (after detaching)."""
         return self._ring.consume() if self._ring is not None else 0

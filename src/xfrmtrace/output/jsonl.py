@@ -79,6 +79,10 @@ JSON_FIELDS: List[JsonField] = [
     JsonField("malformed", "string or null", "Why the packet's own headers are inconsistent."),
     JsonField("stack", "list of strings", "Kernel stack, innermost frame first, as "
               "`func+0x12 [module]`. Only present when stacks are captured."),
+    JsonField("explain", "object", "Why the counter moved, from the namespace's SAD/SPD at "
+              "that moment: `summary` (one line), `details` (lines), the `sas` and `policies` "
+              "involved (keys `<redacted>`), and the `history` of changes that led there. "
+              "Absent with `--no-xfrm-state`."),
 ]
 """The keys of each JSON object, in output order."""
 
@@ -92,7 +96,8 @@ def event_to_dict(event: XfrmErrorEvent) -> Dict[str, Any]:
     """The JSON object of an event, keys in ``JSON_FIELDS`` order."""
     record: Dict[str, Any] = {}
     for field in JSON_FIELDS:
-        if field.name == "stack" and event.stack is None:
+        if (field.name == "stack" and event.stack is None) or (
+                field.name == "explain" and event.explain is None):
             continue
         getter = _SPECIAL.get(field.name)
         record[field.name] = getter(event) if getter else getattr(event, field.name)
@@ -116,6 +121,13 @@ _SPECIAL: Dict[str, Callable[[XfrmErrorEvent], Any]] = {
     "time": lambda event: rfc3339_ns(event.time_ns),
     "type": lambda event: EVENT_TYPE,
     "stack": lambda event: list(event.stack or []),
+    "explain": lambda event: _explanation(event.explain),
 }
+
+
+def _explanation(exp: Any) -> Any:
+    from xfrmtrace.output.changes import explanation_to_dict  # it imports this module
+
+    return explanation_to_dict(exp)
 
 __doc__ = (__doc__ or "") + json_fields_markdown()

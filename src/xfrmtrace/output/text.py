@@ -17,6 +17,8 @@ from typing import List, Optional
 from xfrmtrace.events import XfrmErrorEvent
 
 STACK_INDENT = "    "
+WHY_INDENT = "    why: "
+MORE_INDENT = "         "
 
 _FAMILY_LABELS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _ICMP_LABELS = {"icmp": "ICMP", "ipv6-icmp": "ICMPv6"}
@@ -41,6 +43,9 @@ def format_event(event: XfrmErrorEvent, *, utc: bool = False) -> str:
         parts.append(f"(no packet: {event.context_note or 'unknown reason'})")
     lines = [" ".join(part for part in parts if part)]
     lines += [STACK_INDENT + frame for frame in event.stack or []]
+    if event.explain is not None:
+        lines.append(WHY_INDENT + event.explain.summary)
+        lines += [MORE_INDENT + detail for detail in event.explain.details]
     return "\n".join(lines)
 
 

@@ -1,0 +1,140 @@
+"""One NETLINK_XFRM socket per network namespace: a dump of the SAD and SPD, then changes.
+
+Messages are split and bounds-checked here before pyroute2's parser sees them, so a
+truncated or odd message costs a warning, never the trace.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+from typing import Any, Iterator, Optional
+
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nlmsg
+
+from xfrmtrace.nsenter import entered
+from xfrmtrace.xfrmnl import messages as m
+
+log = logging.getLogger("xfrmtrace.xfrmnl")
+
+NETLINK_XFRM = 6
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+GROUPS = (m.XFRMNLGRP_SA, m.XFRMNLGRP_POLICY, m.XFRMNLGRP_EXPIRE, m.XFRMNLGRP_ACQUIRE,
+          m.XFRMNLGRP_MAPPING)
+_HEADER = struct.Struct("=IHHII")
+_RCVBUF = 4 << 20
+
+
+def split_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, message bytes) for each whole netlink message in a datagram; stops at the
+    first one whose length field does not fit."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            log.warning("netlink: message of %d bytes at offset %d overruns a %d-byte "
+                        "datagram; ignoring the rest", length, offset, len(data))
+            return
+        yield mtype, data[offset:offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse(data: bytes) -> Iterator[Any]:
+    """Decoded XFRM messages of a datagram; undecodable ones are logged and skipped."""
+    marshal = m.MarshalXfrm()
+    for mtype, raw in split_messages(data):
+        if mtype in (NLMSG_ERROR, NLMSG_DONE) or mtype not in marshal.msg_map:
+            continue
+        try:
+            msg = next(iter(marshal.parse(raw)), None)
+            if msg is not None:
+                for slot in msg.get("attrs", ()):
+                    slot.nla  # decode now, so errors surface here  # noqa: B018
+                yield msg
+        except Exception as err:  # noqa: BLE001 - one odd message must not stop the trace
+            log.warning("netlink: cannot decode XFRM message type %#x (%d bytes): %s",
+                        mtype, len(raw), err)
+
+
+class XfrmSocket:
+    """NETLINK_XFRM in one namespace (``netns_path``: /run/netns/NAME, /proc/PID/ns/net)."""
+
+    def __init__(self, netns_path: Optional[str] = None) -> None:
+        if netns_path is None:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+        else:
+            with entered(netns_path):
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            self.sock.bind((0, 0))
+            self._seq = 0
+            self.lost = False
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def subscribe(self) -> None:
+        """Join the SA, policy, expire, acquire and mapping groups."""
+        for group in GROUPS:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+
+    def dump(self, mtype: int) -> list[Any]:
+        """Every SA (``XFRM_MSG_GETSA``) or policy (``XFRM_MSG_GETPOLICY``), blocking."""
+        self._seq += 1
+        request = nlmsg()
+        request["header"]["type"] = mtype
+        request["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+        request["header"]["sequence_number"] = self._seq
+        request.encode()
+        # The dump request body is an empty xfrm_usersa_id / xfrm_userpolicy_id.
+        body = bytes(24 if mtype == m.XFRM_MSG_GETSA else 64)
+        data = bytearray(request.data[:16]) + body
+        struct.pack_into("=I", data, 0, len(data))
+        self.sock.send(bytes(data))
+        result: list[Any] = []
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            done = False
+            for kind, raw in split_messages(chunk):
+                if kind == NLMSG_DONE:
+                    done = True
+                elif kind == NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", raw, 16)
+                    if error:
+                        raise OSError(-error, f"XFRM dump: {os.strerror(-error)}")
+                    done = True
+            result.extend(parse(chunk))
+            if done:
+                return result
+
+    def receive(self) -> list[Any]:
+        """Whatever notifications are waiting (non-blocking), decoded."""
+        return [msg for chunk in self.receive_raw() for msg in parse(chunk)]
+
+    def receive_raw(self) -> list[bytes]:
+        """Whatever datagrams are waiting (non-blocking).  ``lost`` is set when the
+        kernel dropped notifications because we fell behind: the caller dumps again."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self.sock.recv(1 << 20, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return chunks
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                log.warning("netlink: XFRM notifications were lost (receive buffer full)")
+                self.lost = True
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,144 @@
+"""Follow the SAD and SPD of every namespace we can name: our own and /run/netns/*.
+
+Each namespace gets a NETLINK_XFRM socket that first subscribes, then dumps, so no
+change falls between the two (one seen twice is harmless).  Names that appear later are
+picked up on the next rescan; a name that disappears has its socket closed at once, so
+xfrmtrace never keeps a deleted (pod) namespace alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from xfrmtrace.nsenter import netns_inode
+from xfrmtrace.xfrmnl import messages as m
+from xfrmtrace.xfrmnl.changes import XfrmChange, change_from
+from xfrmtrace.xfrmnl.database import XfrmDatabase
+from xfrmtrace.xfrmnl.model import policy_from, sa_from
+from xfrmtrace.xfrmnl.socket import XfrmSocket
+
+log = logging.getLogger("xfrmtrace.xfrmnl")
+
+RUN_NETNS = Path("/run/netns")
+OWN_NETNS = "/proc/self/ns/net"
+RESCAN_S = 1.0
+
+
+class XfrmWatcher:
+    """Sockets per namespace, the database they feed, and the changes they report."""
+
+    def __init__(self, show_keys: bool = False, run_netns: Path = RUN_NETNS,
+                 status: Callable[[str], None] = lambda line: None) -> None:
+        self.db = XfrmDatabase()
+        self._show_keys = show_keys
+        self._run_netns = run_netns
+        self._status = status
+        self._sockets: dict[int, XfrmSocket] = {}  # netns inode -> socket
+        self._paths: dict[int, str] = {}
+        self._next_scan = 0.0
+
+    def start(self) -> None:
+        self._open(OWN_NETNS)
+        self.rescan()
+
+    def fds(self) -> list[int]:
+        return [sock.fileno() for sock in self._sockets.values()]
+
+    def rescan(self) -> None:
+        """Open sockets for new names in /run/netns, close those whose name went away."""
+        self._next_scan = time.monotonic() + RESCAN_S
+        try:
+            names = sorted(os.listdir(self._run_netns))
+        except FileNotFoundError:
+            names = []
+        except OSError as err:
+            log.warning("cannot list %s: %s", self._run_netns, err)
+            return
+        present = set()
+        for name in names:
+            path = str(self._run_netns / name)
+            try:
+                inode = netns_inode(path)
+            except OSError:
+                continue
+            present.add(inode)
+            if inode not in self._sockets:
+                self._open(path)
+        own = netns_inode(OWN_NETNS)
+        for inode in [i for i in self._sockets if i not in present and i != own]:
+            self._sockets.pop(inode).close()
+            self._paths.pop(inode, None)
+            self.db.forget(inode)
+
+    def _open(self, path: str) -> None:
+        try:
+            inode = netns_inode(path)
+            sock = XfrmSocket(None if path == OWN_NETNS else path)
+        except OSError as err:
+            log.warning("cannot follow XFRM changes in %s: %s", path, err)
+            return
+        try:
+            sock.subscribe()
+            self._load(inode, path)
+        except OSError as err:
+            sock.close()
+            log.warning("cannot read the SAD/SPD of %s: %s", path, err)
+            return
+        self._sockets[inode] = sock
+        self._paths[inode] = path
+
+    def _load(self, inode: int, path: str) -> None:
+        """Dump the SAD and SPD on a separate socket, so notifications cannot mix in."""
+        sock = XfrmSocket(None if path == OWN_NETNS else path)
+        try:
+            sas = [sa_from(msg, m.attributes(msg), self._show_keys)
+                   for msg in sock.dump(m.XFRM_MSG_GETSA)
+                   if msg["header"]["type"] == m.XFRM_MSG_NEWSA]
+            policies = [policy_from(msg, m.attributes(msg))
+                        for msg in sock.dump(m.XFRM_MSG_GETPOLICY)
+                        if msg["header"]["type"] == m.XFRM_MSG_NEWPOLICY]
+        finally:
+            sock.close()
+        self.db.load(inode, sas, policies, time.monotonic_ns())
+        log.info("netns %d: %d SAs, %d policies", inode, len(sas), len(policies))
+
+    def poll(self, ready: Optional[set[int]] = None) -> list[XfrmChange]:
+        """Changes waiting on the sockets (all of them, or those whose fd is ``ready``),
+        applied to the database, oldest first."""
+        if time.monotonic() >= self._next_scan:
+            self.rescan()
+        changes: list[XfrmChange] = []
+        for inode, sock in list(self._sockets.items()):
+            if ready is not None and sock.fileno() not in ready:
+                continue
+            now = time.monotonic_ns()
+            try:
+                messages = sock.receive()
+            except OSError as err:
+                log.warning("netns %d: XFRM socket failed (%s); following it again", inode, err)
+                sock.close()
+                self._sockets.pop(inode)
+                self._open(self._paths.pop(inode, OWN_NETNS))
+                continue
+            if sock.lost:  # the database missed changes: start it again from a dump
+                sock.lost = False
+                self._load(inode, self._paths[inode])
+            for msg in messages:
+                try:
+                    change = change_from(msg, inode, now, self._show_keys)
+                except (KeyError, ValueError, TypeError) as err:
+                    log.warning("netns %d: odd XFRM notification ignored: %s", inode, err)
+                    continue
+                if change is not None:
+                    self.db.apply(change)
+                    changes.append(change)
+        return changes
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
