@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.conftest import VM_TIMINGS  # noqa: E402
-from tests.vmlab import kernels, scenarios, trace_run, vm  # noqa: E402
+from tests.vmlab import ipsec, kernels, scenarios, trace_run, vm  # noqa: E402
 
 PACKETS = 3
 GUEST_TOOLS = ("ip", "iptables", "ip6tables", "ping")
@@ -182,6 +182,36 @@ def test_in_no_states_event_in_detail(run: dict) -> None:
         assert e["stack"] and e["stack"][0].startswith(f"xfrm_input+{e['offset']:#x}"), e
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == PACKETS  # one event per ESP packet
+
+
+def test_classic_investigation_is_explained(run: dict) -> None:
+    """The SA the packets need was deleted and replaced by one with another SPI: the
+    timeline shows both changes, and each error names the deleted SA and the replacement."""
+    lab = run["scenarios"]["in-no-states-replaced"]["labs"][0]
+    cfg = lab["config"]
+    netns_b = lab["netns"][cfg["ns_b"]]
+    spis = [(c["action"], c["sa"]["spi"]) for c in run["changes"]
+            if c["netns"] == netns_b and c["type"] == "sa"
+            and c["action"] in ("deleted", "added") and c["sa"]["dst"] == cfg["addr_b"]]
+    assert ("deleted", cfg["spi_ab"]) in spis and ("added", scenarios.REPLACEMENT_SPI) in spis
+    events = _events(run, "XfrmInNoStates", netns_b)
+    assert len(events) == lab["sent"]
+    for e in events:
+        summary = e["explain"]["summary"]
+        assert summary.startswith(f"SA spi {cfg['spi_ab']:#x} dst {cfg['addr_b']} was deleted"), e
+        assert f"spi {scenarios.REPLACEMENT_SPI:#x} dst {cfg['addr_b']}" in \
+            " ".join(e["explain"]["details"]), e["explain"]
+
+
+def test_every_event_is_explained_without_keys(run: dict) -> None:
+    assert run["events"] and all(e["explain"]["summary"] for e in run["events"])
+    for record in [*run["events"], *run["changes"]]:
+        for sa in [record.get("sa"), *record.get("explain", {}).get("sas", [])]:
+            for algo in (sa or {}).get("algorithms", []):
+                assert algo["key"] == "<redacted>", record
+    keys = [k[2:] for k in (ipsec.KEY_AB, ipsec.KEY_BA)]
+    everything = json.dumps([run["events"], run["changes"]]) + run["stderr"]
+    assert not any(k in everything for k in keys)
 
 
 def test_twin_namespaces_told_apart(run: dict) -> None:

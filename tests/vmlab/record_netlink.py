@@ -38,6 +38,19 @@ POLICY_OUT = ("src 10.9.0.1/32 dst 10.9.0.2/32 dir out mark 0xd00 mask 0xf00 pri
 POLICY_BLOCK = "src 10.9.1.0/24 dst 10.9.2.0/24 proto udp dport 53 dir in action block"
 
 
+class RecordingSocket(XfrmSocket):
+    """Keeps every datagram a dump returned."""
+
+    def __init__(self, netns_path: str) -> None:
+        super().__init__(netns_path)
+        self.raw: List[bytes] = []
+
+    def _recv_blocking(self) -> bytes:
+        data = super()._recv_blocking()
+        self.raw.append(data)
+        return data
+
+
 def ip(args: str) -> None:
     subprocess.run(["ip", "-n", NS, "xfrm", *args.split()], check=True)
 
@@ -71,30 +84,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     record("policy-add-block", f"policy add {POLICY_BLOCK}")
     record("policy-update", f"policy update {POLICY_OUT.replace('priority 100', 'priority 50')}")
     # Dumps, on a separate socket, as the watcher does.
-    dumper = XfrmSocket(f"/run/netns/{NS}")
     for name, mtype in (("dump-sa", m.XFRM_MSG_GETSA), ("dump-policy", m.XFRM_MSG_GETPOLICY)):
-        raw: list[bytes] = []
-        original_recv = dumper.sock.recv
-
-        def capture(size: int, *flags: int, _orig=original_recv, _raw=raw) -> bytes:
-            data = _orig(size, *flags)
-            _raw.append(data)
-            return data
-
-        dumper.sock.recv = capture  # type: ignore[method-assign]
+        dumper = RecordingSocket(f"/run/netns/{NS}")
         dumper.dump(mtype)
-        dumper.sock.recv = original_recv  # type: ignore[method-assign]
-        (args.out / f"{name}.hex").write_text("".join(c.hex() + "\n" for c in raw))
-        print(f"{name}: {len(raw)} datagrams", flush=True)
-    dumper.close()
-    # An outbound packet with a policy but no SA: the kernel asks for one (ACQUIRE).
-    ip("policy add src 10.9.0.1/32 dst 10.9.0.9/32 dir out tmpl src 10.9.0.1 dst 10.9.0.9 "
-       "proto esp reqid 11 mode tunnel")
-    sock.receive_raw()
-    subprocess.run(["ip", "netns", "exec", NS, "ping", "-c1", "-W1", "10.9.0.9"],
-                   capture_output=True, check=False)
-    time.sleep(0.3)
-    (args.out / "acquire.hex").write_text("".join(c.hex() + "\n" for c in sock.receive_raw()))
+        dumper.close()
+        (args.out / f"{name}.hex").write_text("".join(c.hex() + "\n" for c in dumper.raw))
+        print(f"{name}: {len(dumper.raw)} datagrams", flush=True)
     record("sa-add-expiring", f"state add {SA_EXPIRING}")
     record("sa-expire", "", wait=3.0)
     record("sa-delete", "state delete src 10.9.0.1 dst 10.9.0.2 proto esp spi 0x1000 "

@@ -26,6 +26,7 @@ from tests.vmlab import ipsec, nsutil
 from tests.vmlab.ipsec import Lab, LabConfig
 
 ESP_IN_UDP = "espinudp 4500 4500 0.0.0.0"
+REPLACEMENT_SPI = 0x1001
 
 
 class Skip(Exception):
@@ -123,6 +124,12 @@ def _ifindex(ns: str, dev: str) -> int:
     return int(out.split(":", 1)[0])
 
 
+def _setup_changing_sa(lab: Lab, ns: str, src: str, dst: str, **changes: Any) -> None:
+    """The full lab, except that ``ns``'s SA for ``src`` -> ``dst`` has ``changes``."""
+    sa = lab.sa(ns, src, dst)
+    lab.setup(sas=_replaced(lab.sas(), sa, dataclasses.replace(sa, **changes)))
+
+
 def _without(items: list, *drop: object) -> list:
     return [x for x in items if x not in drop]
 
@@ -141,6 +148,18 @@ def in_no_states(ctx: Context) -> None:
     lab.setup()
     ctx.healthy(lab)
     lab.delete_state(c.ns_b, c.spi_ab, c.addr_b)
+    ctx.ping(lab)
+
+
+def in_no_states_replaced(ctx: Context) -> None:
+    """The classic: B's inbound SA is replaced by one with a new SPI that A never learns."""
+    lab = ctx.lab()
+    c = lab.cfg
+    lab.setup()
+    ctx.healthy(lab)
+    lab.delete_state(c.ns_b, c.spi_ab, c.addr_b)
+    dataclasses.replace(lab.sa(c.ns_b, c.addr_a, c.addr_b), spi=REPLACEMENT_SPI).install(
+        c.mark, c.mask)
     ctx.ping(lab)
 
 
@@ -181,8 +200,7 @@ def in_state_proto_error(ctx: Context) -> None:
     """B's inbound SA has the wrong key: ESP authentication fails."""
     lab = ctx.lab()
     c = lab.cfg
-    inbound = lab.sa(c.ns_b, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), inbound, dataclasses.replace(inbound, key="0x" + "5c" * 20)))
+    _setup_changing_sa(lab, c.ns_b, c.addr_a, c.addr_b, key="0x" + "5c" * 20)
     ctx.ping(lab)
 
 
@@ -190,9 +208,8 @@ def in_state_seq_error(ctx: Context) -> None:
     """Replay: A's outbound SA is re-created, so its sequence numbers start over at B."""
     lab = ctx.lab()
     c = lab.cfg
-    inbound = lab.sa(c.ns_b, c.addr_a, c.addr_b)
     outbound = lab.sa(c.ns_a, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), inbound, dataclasses.replace(inbound, replay_window=32)))
+    _setup_changing_sa(lab, c.ns_b, c.addr_a, c.addr_b, replay_window=32)
     if not lab.ping(c.ns_a, c.addr_b, count=ctx.count):  # B has now seen 1..count
         raise ipsec.LabError("lab broken: ping failed with every SA in place")
     lab.delete_state(c.ns_a, c.spi_ab, c.addr_b)
@@ -204,8 +221,7 @@ def in_state_mismatch(ctx: Context) -> None:
     """B's inbound SA expects ESP-in-UDP; A sends plain ESP."""
     lab = ctx.lab()
     c = lab.cfg
-    inbound = lab.sa(c.ns_b, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), inbound, dataclasses.replace(inbound, encap=ESP_IN_UDP)))
+    _setup_changing_sa(lab, c.ns_b, c.addr_a, c.addr_b, encap=ESP_IN_UDP)
     ctx.ping(lab)
 
 
@@ -213,8 +229,7 @@ def in_state_expired(ctx: Context) -> None:
     """B's inbound SA has a hard lifetime of 2 packets; the third one finds it expired."""
     lab = ctx.lab()
     c = lab.cfg
-    inbound = lab.sa(c.ns_b, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), inbound, dataclasses.replace(inbound, packet_limit=2)))
+    _setup_changing_sa(lab, c.ns_b, c.addr_a, c.addr_b, packet_limit=2)
     ctx.ping(lab, count=ctx.count + 2)
 
 
@@ -270,8 +285,7 @@ def in_state_dir_error(ctx: Context) -> None:
     """B's SA for A's packets is marked as an output SA (Linux 6.10+)."""
     lab = ctx.lab()
     c = lab.cfg
-    inbound = lab.sa(c.ns_b, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), inbound, dataclasses.replace(inbound, dir="out")))
+    _setup_changing_sa(lab, c.ns_b, c.addr_a, c.addr_b, dir="out")
     ctx.ping(lab)
 
 
@@ -297,8 +311,7 @@ def out_state_expired(ctx: Context) -> None:
     """A's outbound SA has a hard lifetime of 2 packets."""
     lab = ctx.lab()
     c = lab.cfg
-    outbound = lab.sa(c.ns_a, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), outbound, dataclasses.replace(outbound, packet_limit=2)))
+    _setup_changing_sa(lab, c.ns_a, c.addr_a, c.addr_b, packet_limit=2)
     ctx.ping(lab, count=ctx.count + 2)
 
 
@@ -306,9 +319,7 @@ def out_state_seq_error(ctx: Context) -> None:
     """A's outbound SA has used its last sequence number (2^32 - 1, no ESN)."""
     lab = ctx.lab()
     c = lab.cfg
-    outbound = lab.sa(c.ns_a, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), outbound,
-                            dataclasses.replace(outbound, oseq=0xFFFFFFFF)))
+    _setup_changing_sa(lab, c.ns_a, c.addr_a, c.addr_b, oseq=0xFFFFFFFF)
     ctx.ping(lab)
 
 
@@ -316,13 +327,14 @@ def out_state_dir_error(ctx: Context) -> None:
     """A's SA for its own traffic is marked as an input SA (Linux 6.10+)."""
     lab = ctx.lab()
     c = lab.cfg
-    outbound = lab.sa(c.ns_a, c.addr_a, c.addr_b)
-    lab.setup(sas=_replaced(lab.sas(), outbound, dataclasses.replace(outbound, dir="in")))
+    _setup_changing_sa(lab, c.ns_a, c.addr_a, c.addr_b, dir="in")
     ctx.ping(lab)
 
 
 _ALL = [
     Scenario("in-no-states", Expect("XfrmInNoStates", "b", "esp", True), in_no_states),
+    Scenario("in-no-states-replaced", Expect("XfrmInNoStates", "b", "esp", True),
+             in_no_states_replaced),
     Scenario("in-no-states-ipv6", Expect("XfrmInNoStates", "b", "esp", True, "ipv6"),
              in_no_states_ipv6),
     Scenario("in-no-states-esp-in-udp", Expect("XfrmInNoStates", "b", "esp-in-udp", True),

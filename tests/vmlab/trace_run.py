@@ -190,6 +190,7 @@ def run(out: Path, names: List[str], count: int, extra: List[str], output: str =
         lines = [json.loads(line) for line in tool.events_path.read_text().splitlines()
                  if line.strip()]
         results["events"] = [x for x in lines if x.get("type") == "xfrm_error"]
+        results["changes"] = [x for x in lines if x.get("type") in ("sa", "policy")]
         results["summary"] = next((x for x in lines if x.get("type") == "summary"), None)
     else:
         results["text"] = tool.events_path.read_text()

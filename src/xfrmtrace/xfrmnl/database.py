@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from xfrmtrace.xfrmnl.changes import XfrmChange
 from xfrmtrace.xfrmnl.model import SA, Policy
@@ -45,33 +45,17 @@ class XfrmDatabase:
     def apply(self, change: XfrmChange) -> None:
         state = self._spaces.setdefault(change.netns, NamespaceState(since_ns=change.monotonic_ns))
         state.history.append(change)
-        if change.kind == "sa":
-            self._apply_sa(state, change)
-        else:
-            self._apply_policy(state, change)
-
-    @staticmethod
-    def _apply_sa(state: NamespaceState, change: XfrmChange) -> None:
-        sa = change.sa
-        if change.action in ("added", "updated") and sa is not None:
-            state.sas[sa.key] = sa
-        elif sa is not None and (change.action == "deleted"
-                                 or (change.action == "expired" and change.hard)):
-            state.sas.pop(sa.key, None)
+        table: dict[tuple, Any] = state.sas if change.kind == "sa" else state.policies
+        item = change.sa if change.kind == "sa" else change.policy
+        if change.action in ("added", "updated") and item is not None:
+            table[item.key] = item
+        elif item is not None and (change.action == "deleted"
+                                   or (change.action == "expired" and change.hard)):
+            table.pop(item.key, None)  # a hard expiry removes it without a delete message
         elif change.action == "flushed":
-            state.sas = {k: s for k, s in state.sas.items()
-                         if change.flushed_proto not in (None, s.proto)}
-
-    @staticmethod
-    def _apply_policy(state: NamespaceState, change: XfrmChange) -> None:
-        pol = change.policy
-        if change.action in ("added", "updated") and pol is not None:
-            state.policies[pol.key] = pol
-        elif pol is not None and (change.action == "deleted"
-                                  or (change.action == "expired" and change.hard)):
-            state.policies.pop(pol.key, None)
-        elif change.action == "flushed":
-            state.policies.clear()
+            for key in [k for k, v in table.items()
+                        if change.flushed_proto in (None, getattr(v, "proto", None))]:
+                del table[key]
 
     def last_change(self, netns: int, match: Callable[[XfrmChange], bool],
                     before_ns: Optional[int] = None) -> Optional[XfrmChange]:

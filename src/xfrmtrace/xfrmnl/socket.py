@@ -96,14 +96,15 @@ class XfrmSocket:
         request["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
         request["header"]["sequence_number"] = self._seq
         request.encode()
-        # The dump request body is an empty xfrm_usersa_id / xfrm_userpolicy_id.
-        body = bytes(24 if mtype == m.XFRM_MSG_GETSA else 64)
+        # A policy dump request carries an (empty) xfrm_userpolicy_id; an SA dump request
+        # carries only optional attributes (the kernel parses its body as attributes).
+        body = bytes(64 if mtype == m.XFRM_MSG_GETPOLICY else 0)
         data = bytearray(request.data[:16]) + body
         struct.pack_into("=I", data, 0, len(data))
         self.sock.send(bytes(data))
         result: list[Any] = []
         while True:
-            chunk = self.sock.recv(1 << 20)
+            chunk = self._recv_blocking()
             done = False
             for kind, raw in split_messages(chunk):
                 if kind == NLMSG_DONE:
@@ -116,6 +117,9 @@ class XfrmSocket:
             result.extend(parse(chunk))
             if done:
                 return result
+
+    def _recv_blocking(self) -> bytes:
+        return self.sock.recv(1 << 20)
 
     def receive(self) -> list[Any]:
         """Whatever notifications are waiting (non-blocking), decoded."""
