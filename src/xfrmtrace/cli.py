@@ -15,7 +15,7 @@ from typing import Optional, Sequence, TextIO
 from xfrmtrace import __version__
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 
-COMMANDS = ("trace", "sites")
+COMMANDS = ("trace", "sites", "report")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -27,6 +27,7 @@ Trace every increment of the Linux XFRM (IPsec) error counters in
 commands:
   trace   (default) attach a probe at every counter site and print each increment
   sites   list the counter sites found in kernel text (live, or offline from files)
+  report  summarise a saved JSON log per distinct error, with explanations and history
 
 Run `xfrmtrace COMMAND --help` for the options of each command."""
 
@@ -105,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kallsyms of a running instance of that kernel (offline)")
     sites.add_argument("--audit", action="store_true",
                        help="list every gs-relative increment with how it was classified")
+
+    report = sub.add_parser("report", help="summarise a saved JSON log",
+                            description="Read a log written by `xfrmtrace --output json` and "
+                            "print, per distinct error (counter, namespace, addresses, SPI, "
+                            "mark), the first and last time, the count, the sites, the "
+                            "explanation and the SA/policy changes that concern it.")
+    report.add_argument("log", type=Path, metavar="LOG.jsonl")
+    report.add_argument("--output", choices=("text", "json"), default="text",
+                        help="text or one JSON object (default text)")
+    report.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -132,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "sites":
             return _cmd_sites(args, sys.stdout)
+        if args.command == "report":
+            return _cmd_report(args, sys.stdout)
         return _cmd_trace(args, sys.stdout)
     except XfrmtraceError as err:
         print(f"xfrmtrace: error: {err}", file=sys.stderr)
@@ -194,6 +207,22 @@ def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
         print(f"{s.counter:26s} {s.label:48s} {s.address:#018x} {s.instruction}", file=out)
     print(f"{len(resolution.sites)} sites in {len({s.object for s in resolution.sites})} "
           "objects", file=out)
+    return 0
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    from xfrmtrace import report
+
+    result = report.build(report.read_log(args.log))
+    if args.output == "json":
+        json.dump({"groups": [asdict(g) | {"key": list(g.key)} for g in result.groups],
+                   "changes": result.changes, "skipped_lines": result.skipped_lines}, out)
+        out.write("\n")
+    else:
+        report.write_text(result, out)
     return 0
 
 

@@ -118,15 +118,15 @@ class XfrmWatcher:
             now = time.monotonic_ns()
             try:
                 messages = sock.receive()
+                if sock.lost:  # the database missed changes: start it again from a dump
+                    sock.lost = False
+                    self._load(inode, self._paths[inode])
             except OSError as err:
                 log.warning("netns %d: XFRM socket failed (%s); following it again", inode, err)
                 sock.close()
                 self._sockets.pop(inode)
                 self._open(self._paths.pop(inode, OWN_NETNS))
                 continue
-            if sock.lost:  # the database missed changes: start it again from a dump
-                sock.lost = False
-                self._load(inode, self._paths[inode])
             for msg in messages:
                 try:
                     change = change_from(msg, inode, now, self._show_keys)

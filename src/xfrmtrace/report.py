@@ -1,0 +1,161 @@
+"""``xfrmtrace report LOG.jsonl``: a saved JSON log, summarised per distinct error.
+
+A distinct error is one counter for one packet stream: namespace, counter, addresses,
+IPsec protocol and SPI, and mark.  For each the report gives the first and last time, the
+count, the sites, the explanation the live run printed (the last one), and the SA/policy
+changes of that namespace that concern it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, TextIO, Union
+
+from xfrmtrace.errors import InputError
+
+HISTORY_LINES = 10
+
+
+@dataclass
+class ErrorGroup:
+    key: tuple
+    counter: str
+    netns: int
+    netns_name: Optional[str]
+    stream: str  # "10.77.0.1 > 10.77.0.2 esp spi 0x1000 mark 0xd00"
+    dst: Optional[str]
+    spi: Optional[int]
+    first: str
+    last: str
+    count: int = 0
+    sites: dict[str, int] = field(default_factory=dict)
+    explain: Optional[dict[str, Any]] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    groups: list[ErrorGroup]
+    changes: int
+    skipped_lines: int
+
+
+def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a log; a line that is not one is counted by :func:`build`."""
+    try:
+        handle = open(path, encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from err
+    with handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                yield {"type": None}
+                continue
+            yield record if isinstance(record, dict) else {"type": None}
+
+
+def _stream(event: dict[str, Any]) -> str:
+    parts = [f"{event.get('src') or '?'} > {event.get('dst') or '?'}"]
+    if event.get("encap"):
+        parts.append(str(event["encap"]))
+    elif event.get("proto"):
+        parts.append(str(event["proto"]))
+    if event.get("spi") is not None:
+        parts.append(f"spi {event['spi']:#x}")
+    if event.get("mark"):
+        parts.append(f"mark {event['mark']:#x}")
+    if event.get("context") == "flow":
+        parts.append("(flow)")
+    return " ".join(parts)
+
+
+def _concerns(change: dict[str, Any], group: ErrorGroup) -> bool:
+    sa = change.get("sa")
+    if sa:
+        return sa.get("dst") == group.dst or (group.spi is not None and sa.get("spi") == group.spi)
+    policy = change.get("policy")
+    if policy:
+        selector = policy.get("selector") or {}
+        return group.dst is not None and (selector.get("dst") or "").split("/")[0] == group.dst
+    return change.get("action") == "flushed"
+
+
+def build(records: Iterable[dict[str, Any]]) -> Report:
+    groups: dict[tuple, ErrorGroup] = {}
+    changes: list[dict[str, Any]] = []
+    skipped = 0
+    for record in records:
+        kind = record.get("type")
+        if kind in ("sa", "policy"):
+            changes.append(record)
+        elif kind == "xfrm_error":
+            key = (record.get("netns"), record.get("counter"), record.get("src"),
+                   record.get("dst"), record.get("encap") or record.get("proto"),
+                   record.get("spi"), record.get("mark"))
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ErrorGroup(
+                    key=key, counter=str(record.get("counter")), netns=record.get("netns") or 0,
+                    netns_name=record.get("netns_name"), stream=_stream(record),
+                    dst=record.get("dst"), spi=record.get("spi"),
+                    first=str(record.get("time")), last=str(record.get("time")))
+            group.count += 1
+            group.last = str(record.get("time"))
+            site = f"{record.get('function')}+{record.get('offset', 0):#x}"
+            group.sites[site] = group.sites.get(site, 0) + 1
+            if record.get("explain"):
+                group.explain = record["explain"]
+        elif kind != "summary":
+            skipped += 1
+    for group in groups.values():
+        related = [c for c in changes if c.get("netns") == group.netns
+                   and str(c.get("time")) <= group.last and _concerns(c, group)]
+        group.history = related[-HISTORY_LINES:]
+    ordered = sorted(groups.values(), key=lambda g: (-g.count, g.first))
+    return Report(groups=ordered, changes=len(changes), skipped_lines=skipped)
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    what = "SA" if change.get("type") == "sa" else "policy"
+    sa, policy = change.get("sa"), change.get("policy")
+    if sa:
+        body = (f"{sa.get('proto')} spi {sa.get('spi', 0):#x} {sa.get('src')} -> "
+                f"{sa.get('dst')} reqid {sa.get('reqid')}")
+    elif policy:
+        sel = policy.get("selector") or {}
+        body = (f"{policy.get('direction')} {sel.get('src') or 'any'} -> "
+                f"{sel.get('dst') or 'any'} {policy.get('action')} index {policy.get('index')}")
+    else:
+        body = ""
+    return f"{change.get('time')} {what} {change.get('action')}: {body}".rstrip(": ")
+
+
+def write_text(report: Report, out: TextIO) -> None:
+    if not report.groups:
+        out.write(f"no counter events in the log ({report.changes} SA/policy changes)\n")
+    for group in report.groups:
+        netns = f"netns {group.netns}" + (f" ({group.netns_name})" if group.netns_name else "")
+        out.write(f"{group.counter} x{group.count}  {netns}  {group.stream}\n")
+        out.write(f"  first {group.first}  last {group.last}\n")
+        out.write("  sites: " + ", ".join(f"{s} ({n})" for s, n in group.sites.items()) + "\n")
+        if group.explain:
+            out.write(f"  why: {group.explain.get('summary')}\n")
+            for detail in group.explain.get("details") or []:
+                out.write(f"       {detail}\n")
+        else:
+            out.write("  why: (the log has no explanation: traced with --no-xfrm-state)\n")
+        if group.history:
+            out.write("  history:\n")
+            for change in group.history:
+                out.write(f"    {_change_line(change)}\n")
+        out.write("\n")
+    if report.skipped_lines:
+        out.write(f"({report.skipped_lines} lines of the log were not xfrmtrace JSON and were "
+                  "skipped)\n")
