@@ -14,10 +14,12 @@ DEMO_KERNEL ?= 6.1
 PYTEST_ARGS ?=
 
 # Debian packages: build (clang, llvm, libbpf), run (libbpf1), VM lab (qemu,
-# kmod, busybox, apt tooling), IPsec lab inside the guest (iproute2, iptables, ping).
+# kmod, busybox, apt tooling), IPsec lab inside the guest (iproute2, iptables, ping),
+# headless Chromium for the HTML report test.
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
-	ca-certificates binutils bpftool tshark file debian-archive-keyring
+	ca-certificates binutils bpftool tshark file debian-archive-keyring \
+	chromium-headless-shell
 
 .PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint clean
 all: venv bpf

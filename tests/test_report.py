@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.test_xfrmnl import NETNS, changes
 from xfrmtrace.events import XfrmErrorEvent
@@ -81,3 +84,23 @@ def test_report_json_and_bad_input(tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("xfrmtrace: error: cannot read")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium (Debian package "
+                    "chromium-headless-shell, installed by `make deps`)")
+def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    log, page = tmp_path / "trace.jsonl", tmp_path / "report.html"
+    write_log(log)
+    proc = run_report(str(log), "--html", str(page))
+    assert proc.returncode == 0, proc.stderr
+    assert "c0ffee" not in page.read_text() and "<redacted>" not in page.read_text()
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    # The script ran: one dot per (counter, minute) with errors, one marker per change.
+    assert 'data-rendered="4"' in dom
+    assert dom.count('class="dot"') == 4 and dom.count('class="change"') == 3
+    assert "SA spi 0x1000 dst 10.9.0.2 was deleted 17.0 min before" in dom

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("log", type=Path, metavar="LOG.jsonl")
     report.add_argument("--output", choices=("text", "json"), default="text",
                         help="text or one JSON object (default text)")
+    report.add_argument("--html", type=Path, metavar="FILE",
+                        help="also write a self-contained page with a timeline plot")
     report.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -217,6 +219,14 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     from xfrmtrace import report
 
     result = report.build(report.read_log(args.log))
+    if args.html:
+        from xfrmtrace.report_html import write_html
+
+        try:
+            with open(args.html, "w", encoding="utf-8") as page:
+                write_html(result, page)
+        except OSError as err:
+            raise InputError(f"cannot write {args.html}: {err.strerror}") from err
     if args.output == "json":
         json.dump({"groups": [asdict(g) | {"key": list(g.key)} for g in result.groups],
                    "changes": result.changes, "skipped_lines": result.skipped_lines}, out)

@@ -40,6 +40,8 @@ class Report:
     groups: list[ErrorGroup]
     changes: int
     skipped_lines: int
+    event_times: list[tuple[str, str]] = field(default_factory=list)  # (counter, time)
+    change_records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
@@ -90,6 +92,7 @@ def _concerns(change: dict[str, Any], group: ErrorGroup) -> bool:
 def build(records: Iterable[dict[str, Any]]) -> Report:
     groups: dict[tuple, ErrorGroup] = {}
     changes: list[dict[str, Any]] = []
+    times: list[tuple[str, str]] = []
     skipped = 0
     for record in records:
         kind = record.get("type")
@@ -108,6 +111,7 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
                     first=str(record.get("time")), last=str(record.get("time")))
             group.count += 1
             group.last = str(record.get("time"))
+            times.append((group.counter, group.last))
             site = f"{record.get('function')}+{record.get('offset', 0):#x}"
             group.sites[site] = group.sites.get(site, 0) + 1
             if record.get("explain"):
@@ -119,7 +123,8 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
                    and str(c.get("time")) <= group.last and _concerns(c, group)]
         group.history = related[-HISTORY_LINES:]
     ordered = sorted(groups.values(), key=lambda g: (-g.count, g.first))
-    return Report(groups=ordered, changes=len(changes), skipped_lines=skipped)
+    return Report(groups=ordered, changes=len(changes), skipped_lines=skipped,
+                  event_times=times, change_records=changes)
 
 
 def _change_line(change: dict[str, Any]) -> str:
