@@ -63,14 +63,14 @@ def test_removing_an_unknown_object_is_harmless(tracer: Tracer) -> None:
     assert tracer.remove_object("never_loaded") == 0
 
 
-def test_session_notices_a_site_that_now_belongs_to_another_module(tracer: Tracer,
+def test_follower_notices_a_site_that_now_belongs_to_another_module(tracer: Tracer,
                                                                    tmp_path) -> None:
     """A module's assumed last-function extent ran into a neighbour loaded meanwhile."""
-    import io
     from types import SimpleNamespace
 
+    from xfrmtrace.follow import ModuleFollower
     from xfrmtrace.kallsyms import Kallsyms
-    from xfrmtrace.session import SessionOptions, TraceSession
+    from xfrmtrace.modules import ModuleWatcher
 
     before = ("ffffffff81000000 T _stext\nffffffff81100000 T _etext\n"
               "ffffffffc0453000 t tcp_mt\t[xt_tcpudp]\n"
@@ -79,11 +79,13 @@ def test_session_notices_a_site_that_now_belongs_to_another_module(tracer: Trace
     wrong = Site("xt_tcpudp", "cleanup_module", 0x7f0, 0xFFFFFFFFC0454010,
                  "XfrmOutStateProtoError", 19, "rax")
     tracer.add([wrong], [])
-    session = TraceSession(SimpleNamespace(syms=syms), [], SessionOptions(), io.StringIO(),
-                           lambda line: None)
-    assert session._misplaced_objects(tracer) == set()
+    modules = tmp_path / "modules"
+    modules.write_text("")
+    follower = ModuleFollower(ModuleWatcher(modules), SimpleNamespace(syms=syms), None,
+                              lambda line: None)
+    assert follower.misplaced_objects(tracer) == set()
     # esp6 becomes visible right after xt_tcpudp's text: the site is esp6's code.
     path = tmp_path / "kallsyms"
     path.write_text(before + "ffffffffc0454000 t esp6_rcv_cb\t[esp6]\n")
-    syms.refresh_modules(["esp6"], path)
-    assert session._misplaced_objects(tracer) == {"xt_tcpudp"}
+    syms.refresh_modules(["esp6"], path, tmp_path / "no-sysfs")
+    assert follower.misplaced_objects(tracer) == {"xt_tcpudp"}

@@ -2,7 +2,7 @@
 
 esp4, esp6, xfrm_interface and vti hold counter sites of their own, and on
 most hosts they are loaded on demand: by the first ``ip xfrm state add``, by
-the IKE daemon, or by a CNI plugin long after xfrmtrace started.  The session
+the IKE daemon, or by a CNI plugin long after xfrmtrace started.  The follower
 polls /proc/modules (a few hundred bytes per module, cheap to read) and
 attaches to a module's sites as soon as it appears.
 """

@@ -10,17 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, TextIO
 
-from xfrmtrace.discovery import KernelView, function_arguments, resolve_sites
-from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+from xfrmtrace.discovery import KernelView, function_arguments
+from xfrmtrace.errors import InputError, KernelFeatureMissing
 from xfrmtrace.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.explain import explain
-from xfrmtrace.kallsyms import VMLINUX
+from xfrmtrace.follow import ModuleFollower
 from xfrmtrace.model import Site
 from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
-from xfrmtrace.sitecache import SiteCache, decodes_as_resolved
+from xfrmtrace.sitecache import SiteCache
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
 from xfrmtrace.xfrmnl.changes import XfrmChange
 from xfrmtrace.xfrmnl.watch import XfrmWatcher
@@ -179,6 +179,8 @@ class TraceSession:
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
             next_module_poll = time.monotonic()
+            follower = (ModuleFollower(self._modules, self._view, self._cache, self._status)
+                        if self._modules is not None else None)
             while not stop.stopped and (deadline is None or time.monotonic() < deadline):
                 fds = [tracer.fileno(), *(watcher.fds() if watcher else [])]
                 try:
@@ -188,8 +190,8 @@ class TraceSession:
                 changes = watcher.poll(ready) if watcher else []
                 tracer.drain()
                 self._emit(watcher, changes)
-                if self._modules is not None and time.monotonic() >= next_module_poll:
-                    self._follow_modules(tracer, self._modules)
+                if follower is not None and time.monotonic() >= next_module_poll:
+                    follower.poll(tracer)
                     next_module_poll = time.monotonic() + _MODULE_POLL_S
             tracer.detach()
             tracer.drain()  # events already queued are still delivered
@@ -200,82 +202,6 @@ class TraceSession:
             if watcher is not None:
                 watcher.close()
         return summary
-
-    def _follow_modules(self, tracer: Tracer, watcher: ModuleWatcher) -> None:
-        """Detach from modules that went away; resolve and attach to the ones that came."""
-        changes = watcher.poll()
-        if not changes:
-            return
-        log.info("modules loaded: %s; unloaded: %s", " ".join(changes.loaded) or "-",
-                 " ".join(changes.unloaded) or "-")
-        for name in changes.unloaded:
-            removed = tracer.remove_object(name)
-            if removed:
-                self._status(f"Module {name} unloaded: removed its {removed} probes")
-        try:
-            self._view.syms.refresh_modules(changes.unloaded + changes.loaded)
-        except XfrmtraceError as err:
-            self._status(f"warning: cannot follow module changes: {err}")
-            return
-        misplaced = self._misplaced_objects(tracer)
-        for name in misplaced:
-            self._status(f"warning: module {name}: probed code now belongs to another module; "
-                         "resolving its sites again")
-            # Detach first, and wait until the probed bytes are back: a kprobe's int3 (or an
-            # optimized probe's jump, restored a little later) would hide the instruction
-            # from the neighbour's resolution.
-            sites = [s for s in tracer.sites.values()
-                     if s.object == name and s.address in tracer.attached_addresses(name)]
-            tracer.remove_object(name)
-            self._wait_for_original_text(sites)
-        for name in sorted(set(changes.loaded) | misplaced):
-            self._attach_module(tracer, name)
-
-    def _wait_for_original_text(self, sites: list[Site], timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        pending = list(sites)
-        while pending and time.monotonic() < deadline:
-            pending = [s for s in pending if not decodes_as_resolved(s, self._view.text.read)]
-            if pending:
-                time.sleep(0.02)
-        for site in pending:
-            log.warning("text at %s still differs after removing its probe", site.label)
-
-    def _misplaced_objects(self, tracer: Tracer) -> set[str]:
-        """Modules with a probed site that the symbol table now places elsewhere.
-
-        A module's last function has no end marker in kallsyms; while a neighbour is
-        still being loaded (invisible until it is formed), the assumed extent can run
-        into the neighbour's fresh code.  When the neighbour appears, its symbols show
-        the mistake.
-        """
-        misplaced = set()
-        for site in tracer.sites.values():
-            if site.object == VMLINUX or site.address not in tracer.attached_addresses(
-                    site.object):
-                continue
-            func = self._view.syms.lookup(site.address)
-            if func is None or (func.object, func.name) != (site.object, site.function):
-                misplaced.add(site.object)
-        return misplaced
-
-    def _attach_module(self, tracer: Tracer, name: str) -> None:
-        started = time.monotonic()
-        try:
-            sites = resolve_sites(self._view, [name], self._cache).sites
-        except (XfrmtraceError, OSError) as err:  # e.g. unloaded again while we read it
-            self._status(f"warning: module {name} loaded, but its sites cannot be resolved: "
-                         f"{err}")
-            return
-        if not sites or {s.address for s in sites} == tracer.attached_addresses(name):
-            return  # nothing to probe, or already probed (loaded while we started)
-        tracer.remove_object(name)
-        report = tracer.add(sites, function_arguments(self._view, sites))
-        for site, why in report.sites_failed:
-            self._status(f"warning: cannot probe {site.label} ({site.counter}): {why}")
-        self._status(f"Module {name} loaded: attached {report.sites_attached}/"
-                     f"{report.sites_expected} probes "
-                     f"({time.monotonic() - started:.2f}s after noticing it)")
 
     def _report_attach(self, report: AttachReport) -> None:
         for site, why in report.sites_failed:
