@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -60,6 +61,7 @@ def run(request, tmp_path_factory) -> dict:
     data = json.loads((out / "results.json").read_text())
     audit = out / "audit.json"
     data["audit_entries"] = json.loads(audit.read_text()) if audit.exists() else None
+    data["events_path"] = str(out / "events.jsonl")
     boot = "?" if result.boot_seconds is None else f"{result.boot_seconds:.0f}"
     VM_TIMINGS.append(
         f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s: boot {boot} s, "
@@ -201,6 +203,23 @@ def test_classic_investigation_is_explained(run: dict) -> None:
         assert summary.startswith(f"SA spi {cfg['spi_ab']:#x} dst {cfg['addr_b']} was deleted"), e
         assert f"spi {scenarios.REPLACEMENT_SPI:#x} dst {cfg['addr_b']}" in \
             " ".join(e["explain"]["details"]), e["explain"]
+
+
+def test_report_answers_the_classic_investigation_offline(run: dict) -> None:
+    """`xfrmtrace report` on the very JSON log of the run."""
+    lab = run["scenarios"]["in-no-states-replaced"]["labs"][0]
+    cfg = lab["config"]
+    proc = subprocess.run([sys.executable, "-m", "xfrmtrace", "report", run["events_path"],
+                           "--output", "json"], capture_output=True, text=True, check=True)
+    groups = [g for g in json.loads(proc.stdout)["groups"]
+              if g["netns"] == lab["netns"][cfg["ns_b"]] and g["counter"] == "XfrmInNoStates"]
+    assert len(groups) == 1 and groups[0]["count"] == lab["sent"], groups
+    group = groups[0]
+    assert group["explain"]["summary"].startswith(f"SA spi {cfg['spi_ab']:#x} dst "
+                                                  f"{cfg['addr_b']} was deleted")
+    history = [(c["action"], c["sa"]["spi"]) for c in group["history"] if c["type"] == "sa"]
+    assert ("deleted", cfg["spi_ab"]) in history
+    assert ("added", scenarios.REPLACEMENT_SPI) in history
 
 
 def test_every_event_is_explained_without_keys(run: dict) -> None:

@@ -223,6 +223,19 @@ def test_live_watcher_follows_a_new_namespace_and_lets_it_go() -> None:
             ("policy", "added", "block")]
         assert json.loads(changes_out.format_change_json(seen[0]))["policy"]["selector"][
             "src"] == "10.1.0.0/16"
+        # tc changes in the same namespace go on the same timeline.
+        for verb in ("add", "del"):
+            subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", verb, "dev", "lo",
+                            "clsact"], check=True)
+        deadline = time.monotonic() + 5
+        tc: list[XfrmChange] = []
+        while len(tc) < 2 and time.monotonic() < deadline:
+            tc += [c for c in watcher.poll() if c.netns == inode and c.kind == "tc"]
+            time.sleep(0.05)
+        assert [(c.action, c.detail["object"], c.detail["kind"]) for c in tc] == [
+            ("added", "qdisc", "clsact"), ("deleted", "qdisc", "clsact")]
+        assert changes_out.format_change_text(tc[0]).split(": ", 1)[1].startswith(
+            "ifindex=1 kind=clsact parent=ffff:fff1")
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
     watcher.rescan()

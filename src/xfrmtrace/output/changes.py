@@ -21,7 +21,9 @@ from xfrmtrace.xfrmnl.model import SA, Policy
 
 def format_change_text(change: XfrmChange, *, utc: bool = False) -> str:
     netns = f"netns={change.netns}" + (f"({change.netns_name})" if change.netns_name else "")
-    what = "SA" if change.kind == "sa" else "policy"
+    what = {"sa": "SA", "policy": "policy"}.get(change.kind, change.kind)
+    if change.kind == "tc" and change.detail:
+        what = f"tc {change.detail.get('object')}"
     head = f"{format_time(change.time_ns, utc=utc)} {netns} {what} {change.action}"
     if change.action == "expired":
         head += " (hard)" if change.hard else " (soft)"
@@ -34,7 +36,8 @@ def format_change_text(change: XfrmChange, *, utc: bool = False) -> str:
         body = f"all {change.flushed_proto or ''} SAs".replace("  ", " ") \
             if change.kind == "sa" else "all policies"
     if change.detail:
-        body += " " + " ".join(f"{k}={v}" for k, v in change.detail.items())
+        body += " " + " ".join(f"{k}={v}" for k, v in change.detail.items()
+                               if k != "object" and v is not None)
     return f"{head}: {body.strip()}"
 
 

@@ -29,7 +29,7 @@ _ACTIONS = {
 class XfrmChange:
     """A change to one namespace's SAD or SPD, on the same clock as counter events."""
 
-    kind: str  # "sa" or "policy"
+    kind: str  # "sa", "policy" or "tc"
     action: str  # added, updated, deleted, expired, flushed, acquire, mapping
     netns: int
     monotonic_ns: int
@@ -39,7 +39,7 @@ class XfrmChange:
     policy: Optional[Policy] = None
     hard: Optional[bool] = None  # expired: hard (removed) or soft (rekey due)
     flushed_proto: Optional[str] = None  # flushed SAs: "esp", "ah" ... or None for all
-    detail: Optional[dict[str, Any]] = None  # acquire / mapping specifics
+    detail: Optional[dict[str, Any]] = None  # acquire / mapping / tc specifics
 
 
 def change_from(msg: Any, netns: int, monotonic_ns: int,

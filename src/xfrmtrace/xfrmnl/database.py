@@ -45,6 +45,8 @@ class XfrmDatabase:
     def apply(self, change: XfrmChange) -> None:
         state = self._spaces.setdefault(change.netns, NamespaceState(since_ns=change.monotonic_ns))
         state.history.append(change)
+        if change.kind not in ("sa", "policy"):
+            return  # tc changes are history only
         table: dict[tuple, Any] = state.sas if change.kind == "sa" else state.policies
         item = change.sa if change.kind == "sa" else change.policy
         if change.action in ("added", "updated") and item is not None:

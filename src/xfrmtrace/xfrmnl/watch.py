@@ -1,4 +1,4 @@
-"""Follow the SAD and SPD of every namespace we can name: our own and /run/netns/*.
+"""Follow the SAD, SPD and tc of every namespace we can name: our own and /run/netns/*.
 
 Each namespace gets a NETLINK_XFRM socket that first subscribes, then dumps, so no
 change falls between the two (one seen twice is harmless).  Names that appear later are
@@ -20,6 +20,7 @@ from xfrmtrace.xfrmnl.changes import XfrmChange, change_from
 from xfrmtrace.xfrmnl.database import XfrmDatabase
 from xfrmtrace.xfrmnl.model import policy_from, sa_from
 from xfrmtrace.xfrmnl.socket import XfrmSocket
+from xfrmtrace.xfrmnl.tc import TcSocket, tc_change_from
 
 log = logging.getLogger("xfrmtrace.xfrmnl")
 
@@ -38,6 +39,7 @@ class XfrmWatcher:
         self._run_netns = run_netns
         self._status = status
         self._sockets: dict[int, XfrmSocket] = {}  # netns inode -> socket
+        self._tc: dict[int, TcSocket] = {}
         self._paths: dict[int, str] = {}
         self._next_scan = 0.0
 
@@ -46,7 +48,8 @@ class XfrmWatcher:
         self.rescan()
 
     def fds(self) -> list[int]:
-        return [sock.fileno() for sock in self._sockets.values()]
+        return ([sock.fileno() for sock in self._sockets.values()]
+                + [sock.fileno() for sock in self._tc.values()])
 
     def rescan(self) -> None:
         """Open sockets for new names in /run/netns, close those whose name went away."""
@@ -71,6 +74,9 @@ class XfrmWatcher:
         own = netns_inode(OWN_NETNS)
         for inode in [i for i in self._sockets if i not in present and i != own]:
             self._sockets.pop(inode).close()
+            tc = self._tc.pop(inode, None)
+            if tc is not None:
+                tc.close()
             self._paths.pop(inode, None)
             self.db.forget(inode)
 
@@ -90,6 +96,10 @@ class XfrmWatcher:
             return
         self._sockets[inode] = sock
         self._paths[inode] = path
+        try:
+            self._tc[inode] = TcSocket(None if path == OWN_NETNS else path)
+        except OSError as err:
+            log.warning("cannot follow tc changes in %s: %s", path, err)
 
     def _load(self, inode: int, path: str) -> None:
         """Dump the SAD and SPD on a separate socket, so notifications cannot mix in."""
@@ -136,9 +146,29 @@ class XfrmWatcher:
                 if change is not None:
                     self.db.apply(change)
                     changes.append(change)
+        for inode, tc in list(self._tc.items()):
+            if ready is not None and tc.fileno() not in ready:
+                continue
+            now = time.monotonic_ns()
+            try:
+                messages = tc.receive()
+            except OSError as err:
+                log.warning("netns %d: tc socket failed (%s); no more tc changes there", inode,
+                            err)
+                self._tc.pop(inode).close()
+                continue
+            for msg in messages:
+                change = tc_change_from(msg, inode, now)
+                if change is not None:
+                    self.db.apply(change)
+                    changes.append(change)
+        changes.sort(key=lambda c: c.monotonic_ns)
         return changes
 
     def close(self) -> None:
         for sock in self._sockets.values():
             sock.close()
+        for tc in self._tc.values():
+            tc.close()
         self._sockets.clear()
+        self._tc.clear()

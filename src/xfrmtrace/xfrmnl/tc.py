@@ -1,0 +1,112 @@
+"""Traffic-control changes (RTNLGRP_TC): qdiscs, classes and filters added or deleted.
+
+CNIs such as Cilium steer IPsec traffic with tc BPF programs; a filter replaced or removed
+at the wrong moment is a classic cause of packets leaving without the mark their policy
+needs.  These changes go on the same timeline as the SA/policy changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any, Optional
+
+from pyroute2.netlink.rtnl import (
+    RTM_DELQDISC,
+    RTM_DELTCLASS,
+    RTM_DELTFILTER,
+    RTM_NEWQDISC,
+    RTM_NEWTCLASS,
+    RTM_NEWTFILTER,
+    RTNLGRP_TC,
+)
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from xfrmtrace.nsenter import entered
+from xfrmtrace.xfrmnl.changes import XfrmChange
+from xfrmtrace.xfrmnl.socket import split_messages
+
+log = logging.getLogger("xfrmtrace.xfrmnl")
+
+#: message type -> (what changed, action)
+TC_MESSAGES = {
+    RTM_NEWQDISC: ("qdisc", "added"), RTM_DELQDISC: ("qdisc", "deleted"),
+    RTM_NEWTCLASS: ("class", "added"), RTM_DELTCLASS: ("class", "deleted"),
+    RTM_NEWTFILTER: ("filter", "added"), RTM_DELTFILTER: ("filter", "deleted"),
+}
+
+
+def _handle(value: int) -> str:
+    """tc's ``major:minor`` notation."""
+    return f"{value >> 16:x}:{value & 0xFFFF:x}"
+
+
+def tc_change_from(msg: Any, netns: int, monotonic_ns: int) -> Optional[XfrmChange]:
+    what_action = TC_MESSAGES.get(msg["header"]["type"])
+    if what_action is None:
+        return None
+    what, action = what_action
+    detail: dict[str, Any] = {
+        "object": what,
+        "ifindex": msg["index"],
+        "kind": msg.get_attr("TCA_KIND"),
+        "parent": _handle(msg["parent"]),
+        "handle": _handle(msg["handle"]),
+    }
+    if what == "filter":
+        detail["priority"] = msg["info"] >> 16
+        detail["protocol"] = socket.ntohs(msg["info"] & 0xFFFF)
+    return XfrmChange(kind="tc", action=action, netns=netns, monotonic_ns=monotonic_ns,
+                      detail=detail)
+
+
+def parse_tc(data: bytes) -> list[Any]:
+    marshal = MarshalRtnl()
+    messages = []
+    for mtype, raw in split_messages(data):
+        if mtype not in TC_MESSAGES:
+            continue
+        try:
+            messages.extend(marshal.parse(raw))
+        except Exception as err:  # noqa: BLE001 - one odd message must not stop the trace
+            log.warning("netlink: cannot decode tc message type %d: %s", mtype, err)
+    return messages
+
+
+class TcSocket:
+    """NETLINK_ROUTE in one namespace, joined to the tc group only."""
+
+    def __init__(self, netns_path: Optional[str] = None) -> None:
+        def create() -> socket.socket:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+        if netns_path is None:
+            self.sock = create()
+        else:
+            with entered(netns_path):
+                self.sock = create()
+        try:
+            self.sock.bind((0, 1 << (RTNLGRP_TC - 1)))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[Any]:
+        messages: list[Any] = []
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return messages
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                log.warning("netlink: tc notifications were lost (receive buffer full)")
+            messages.extend(parse_tc(chunk))
+
+    def close(self) -> None:
+        self.sock.close()
