@@ -62,26 +62,52 @@ def parse(data: bytes) -> Iterator[Any]:
                         mtype, len(raw), err)
 
 
-class XfrmSocket:
-    """NETLINK_XFRM in one namespace (``netns_path``: /run/netns/NAME, /proc/PID/ns/net)."""
+class NetlinkSubscriber:
+    """A netlink socket in one namespace (``netns_path``: /run/netns/NAME, /proc/PID/ns/net,
+    None for our own) that notifications arrive on."""
 
-    def __init__(self, netns_path: Optional[str] = None) -> None:
+    def __init__(self, protocol: int, netns_path: Optional[str] = None, groups: int = 0) -> None:
         if netns_path is None:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
         else:
             with entered(netns_path):
-                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            self.sock.bind((0, 0))
-            self._seq = 0
-            self.lost = False
+            self.sock.bind((0, groups))
         except OSError:
             self.sock.close()
             raise
+        self.lost = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def receive_raw(self) -> list[bytes]:
+        """Whatever datagrams are waiting (non-blocking).  ``lost`` is set when the
+        kernel dropped notifications because we fell behind."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self.sock.recv(1 << 20, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return chunks
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                log.warning("netlink: notifications were lost (receive buffer full)")
+                self.lost = True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class XfrmSocket(NetlinkSubscriber):
+    """NETLINK_XFRM in one namespace."""
+
+    def __init__(self, netns_path: Optional[str] = None) -> None:
+        super().__init__(NETLINK_XFRM, netns_path)
+        self._seq = 0
 
     def subscribe(self) -> None:
         """Join the SA, policy, expire, acquire and mapping groups."""
@@ -124,21 +150,3 @@ class XfrmSocket:
     def receive(self) -> list[Any]:
         """Whatever notifications are waiting (non-blocking), decoded."""
         return [msg for chunk in self.receive_raw() for msg in parse(chunk)]
-
-    def receive_raw(self) -> list[bytes]:
-        """Whatever datagrams are waiting (non-blocking).  ``lost`` is set when the
-        kernel dropped notifications because we fell behind: the caller dumps again."""
-        chunks: list[bytes] = []
-        while True:
-            try:
-                chunks.append(self.sock.recv(1 << 20, socket.MSG_DONTWAIT))
-            except BlockingIOError:
-                return chunks
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
-                log.warning("netlink: XFRM notifications were lost (receive buffer full)")
-                self.lost = True
-
-    def close(self) -> None:
-        self.sock.close()

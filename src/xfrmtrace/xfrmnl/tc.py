@@ -7,7 +7,6 @@ needs.  These changes go on the same timeline as the SA/policy changes.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from typing import Any, Optional
@@ -23,9 +22,8 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from xfrmtrace.nsenter import entered
 from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.socket import split_messages
+from xfrmtrace.xfrmnl.socket import NetlinkSubscriber, split_messages
 
 log = logging.getLogger("xfrmtrace.xfrmnl")
 
@@ -74,39 +72,11 @@ def parse_tc(data: bytes) -> list[Any]:
     return messages
 
 
-class TcSocket:
+class TcSocket(NetlinkSubscriber):
     """NETLINK_ROUTE in one namespace, joined to the tc group only."""
 
     def __init__(self, netns_path: Optional[str] = None) -> None:
-        def create() -> socket.socket:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-
-        if netns_path is None:
-            self.sock = create()
-        else:
-            with entered(netns_path):
-                self.sock = create()
-        try:
-            self.sock.bind((0, 1 << (RTNLGRP_TC - 1)))
-        except OSError:
-            self.sock.close()
-            raise
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        super().__init__(socket.NETLINK_ROUTE, netns_path, groups=1 << (RTNLGRP_TC - 1))
 
     def receive(self) -> list[Any]:
-        messages: list[Any] = []
-        while True:
-            try:
-                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return messages
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
-                log.warning("netlink: tc notifications were lost (receive buffer full)")
-            messages.extend(parse_tc(chunk))
-
-    def close(self) -> None:
-        self.sock.close()
+        return [msg for chunk in self.receive_raw() for msg in parse_tc(chunk)]

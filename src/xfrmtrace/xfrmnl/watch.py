@@ -123,47 +123,50 @@ class XfrmWatcher:
             self.rescan()
         changes: list[XfrmChange] = []
         for inode, sock in list(self._sockets.items()):
-            if ready is not None and sock.fileno() not in ready:
-                continue
-            now = time.monotonic_ns()
-            try:
-                messages = sock.receive()
-                if sock.lost:  # the database missed changes: start it again from a dump
-                    sock.lost = False
-                    self._load(inode, self._paths[inode])
-            except OSError as err:
-                log.warning("netns %d: XFRM socket failed (%s); following it again", inode, err)
-                sock.close()
-                self._sockets.pop(inode)
-                self._open(self._paths.pop(inode, OWN_NETNS))
-                continue
-            for msg in messages:
-                try:
-                    change = change_from(msg, inode, now, self._show_keys)
-                except (KeyError, ValueError, TypeError) as err:
-                    log.warning("netns %d: odd XFRM notification ignored: %s", inode, err)
-                    continue
-                if change is not None:
-                    self.db.apply(change)
-                    changes.append(change)
+            if ready is None or sock.fileno() in ready:
+                changes += self._receive_xfrm(inode, sock)
         for inode, tc in list(self._tc.items()):
-            if ready is not None and tc.fileno() not in ready:
-                continue
-            now = time.monotonic_ns()
-            try:
-                messages = tc.receive()
-            except OSError as err:
-                log.warning("netns %d: tc socket failed (%s); no more tc changes there", inode,
-                            err)
-                self._tc.pop(inode).close()
-                continue
-            for msg in messages:
-                change = tc_change_from(msg, inode, now)
-                if change is not None:
-                    self.db.apply(change)
-                    changes.append(change)
+            if ready is None or tc.fileno() in ready:
+                changes += self._receive_tc(inode, tc)
         changes.sort(key=lambda c: c.monotonic_ns)
+        for change in changes:
+            self.db.apply(change)
         return changes
+
+    def _receive_xfrm(self, inode: int, sock: XfrmSocket) -> list[XfrmChange]:
+        now = time.monotonic_ns()
+        try:
+            messages = sock.receive()
+            if sock.lost:  # the database missed changes: start it again from a dump
+                sock.lost = False
+                self._load(inode, self._paths[inode])
+        except OSError as err:
+            log.warning("netns %d: XFRM socket failed (%s); following it again", inode, err)
+            sock.close()
+            self._sockets.pop(inode)
+            self._open(self._paths.pop(inode, OWN_NETNS))
+            return []
+        found = []
+        for msg in messages:
+            try:
+                change = change_from(msg, inode, now, self._show_keys)
+            except (KeyError, ValueError, TypeError) as err:
+                log.warning("netns %d: odd XFRM notification ignored: %s", inode, err)
+                continue
+            if change is not None:
+                found.append(change)
+        return found
+
+    def _receive_tc(self, inode: int, tc: TcSocket) -> list[XfrmChange]:
+        now = time.monotonic_ns()
+        try:
+            messages = tc.receive()
+        except OSError as err:
+            log.warning("netns %d: tc socket failed (%s); no more tc changes there", inode, err)
+            self._tc.pop(inode).close()
+            return []
+        return [c for c in (tc_change_from(msg, inode, now) for msg in messages)
+                if c is not None]
 
     def close(self) -> None:
         for sock in self._sockets.values():
