@@ -170,6 +170,8 @@ def test_scenario(run: dict, name: str) -> None:
             assert events, [e for e in run["events"] if e["netns"] == inode]
         for event in events:
             _check_event(event, expect, lab)
+            explained = " ".join([event["explain"]["summary"], *event["explain"]["details"]])
+            assert expect.why in explained, event["explain"]
 
 
 def test_in_no_states_event_in_detail(run: dict) -> None:

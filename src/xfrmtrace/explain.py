@@ -279,13 +279,11 @@ def _direction(sa: SA, event: XfrmErrorEvent) -> str:
 
 def _lifetime(sa: SA, event: XfrmErrorEvent) -> str:
     lft = sa.lifetime
-    limits = [f"{what} {limit}" + (f" (used {used})" if used is not None else "")
-              for what, limit, used in (
-                  ("hard packets", lft.hard_packets, lft.packets),
-                  ("hard bytes", lft.hard_bytes, lft.bytes),
-                  ("hard seconds since add", lft.hard_add_seconds, None),
-                  ("hard seconds since use", lft.hard_use_seconds, None))
-              if limit is not None]
+    # Usage is not shown: the kernel reports it only with the SA's last notification.
+    limits = [f"{what} {limit}" for what, limit in (
+        ("hard packets", lft.hard_packets), ("hard bytes", lft.hard_bytes),
+        ("hard seconds since add", lft.hard_add_seconds),
+        ("hard seconds since use", lft.hard_use_seconds)) if limit is not None]
     return f"SA spi {sa.spi:#x} lifetime ran out: " + (", ".join(limits) or "no hard limit known")
 
 
@@ -312,7 +310,15 @@ def _out_seq(sa: SA, event: XfrmErrorEvent) -> str:
             f"{', ESN' if sa.esn else ', no ESN'}): it must be rekeyed")
 
 
+def _hdr_error(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState) -> Explanation:
+    size = f"{event.packet_len} bytes" if event.packet_len is not None else "unknown size"
+    return Explanation(f"the packet's {(event.proto or 'IPsec').upper()} header could not be "
+                       f"read: the packet ({size}) is too short or malformed; no SA lookup "
+                       "was possible")
+
+
 EXPLAINERS: dict[str, Callable[..., Explanation]] = {
+    "XfrmInHdrError": _hdr_error,
     "XfrmInNoStates": _in_no_states,
     "XfrmOutNoStates": _out_no_states,
     "XfrmInTmplMismatch": _policy_check("in"),
