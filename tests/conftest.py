@@ -1,15 +1,22 @@
-"""Shared pytest hooks: the VM suite's per-kernel timings are printed at the end of every run."""
+"""Shared pytest hooks: the VM suite's per-kernel timings are printed at the end of every run.
+
+Tests append lines to ``config.xfrmtrace_report`` (see :func:`report_line`); tests/ is not a
+package, so a module-level list here would not be the one the test modules import.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-#: One line per kernel booted by the VM suite (appended by tests/test_vm_trace.py).
-VM_TIMINGS: list[str] = []
+
+def report_line(config: Any, line: str) -> None:
+    """Queue ``line`` for the "kernel matrix" section of the terminal summary."""
+    config.__dict__.setdefault("xfrmtrace_report", []).append(line)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if VM_TIMINGS:
+    lines = terminalreporter.config.__dict__.get("xfrmtrace_report", [])
+    if lines:
         terminalreporter.section("kernel matrix: time per kernel")
-        for line in VM_TIMINGS:
+        for line in lines:
             terminalreporter.write_line(line)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.conftest import VM_TIMINGS  # noqa: E402
+from tests.conftest import report_line  # noqa: E402
 from tests.vmlab import ipsec, kernels, scenarios, trace_run, vm  # noqa: E402
 
 PACKETS = 3
@@ -63,14 +63,15 @@ def run(request, tmp_path_factory) -> dict:
     data["audit_entries"] = json.loads(audit.read_text()) if audit.exists() else None
     data["events_path"] = str(out / "events.jsonl")
     boot = "?" if result.boot_seconds is None else f"{result.boot_seconds:.0f}"
-    VM_TIMINGS.append(
-        f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s: boot {boot} s, "
-        f"tool ready {data.get('ready_seconds')} s, scenarios {data.get('scenario_seconds')} s, "
-        f"audit {data.get('audit', {}).get('seconds')} s")
+    report_line(request.config,
+                f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s: boot {boot} s, "
+                f"tool ready {data.get('ready_seconds')} s, scenarios "
+                f"{data.get('scenario_seconds')} s, audit {data.get('audit', {}).get('seconds')} s")
     if data["audit_entries"] is not None:
         by_class = Counter(e["classification"] for e in data["audit_entries"])
-        VM_TIMINGS.append(f"{'':5s} resolver audit: {sum(by_class.values())} gs-relative "
-                          f"increments: " + ", ".join(f"{n} {c}" for c, n in by_class.items()))
+        report_line(request.config,
+                    f"{'':5s} resolver audit: {sum(by_class.values())} gs-relative increments: "
+                    + ", ".join(f"{n} {c}" for c, n in by_class.items()))
     return data
 
 
