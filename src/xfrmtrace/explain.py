@@ -18,8 +18,6 @@ from xfrmtrace.xfrmnl.changes import XfrmChange
 from xfrmtrace.xfrmnl.database import NamespaceState, XfrmDatabase
 from xfrmtrace.xfrmnl.model import SA, Policy, Selector, Template
 
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "esp": 50, "ah": 51, "ipv6-icmp": 58,
-                 "comp": 108, "sctp": 132}
 MAX_LISTED = 3
 
 
@@ -53,16 +51,16 @@ def _in_prefix(addr: Optional[str], prefix: Optional[str]) -> bool:
         return False
 
 
-def selector_matches(sel: Selector, event: XfrmErrorEvent, reverse: bool = False) -> bool:
-    src, dst = (event.dst, event.src) if reverse else (event.src, event.dst)
-    if not (_in_prefix(src, sel.src) and _in_prefix(dst, sel.dst)):
+def selector_matches(sel: Selector, event: XfrmErrorEvent) -> bool:
+    """The selector covers the event's addresses, and protocol and ports where both have
+    them (a field the event lacks cannot rule the selector out)."""
+    if not (_in_prefix(event.src, sel.src) and _in_prefix(event.dst, sel.dst)):
         return False
     if sel.proto and event.proto_num is not None and sel.proto != event.proto_num:
         return False
-    sport, dport = (event.dport, event.sport) if reverse else (event.sport, event.dport)
-    if sel.dport and dport is not None and sel.dport != dport:
+    if sel.dport and event.dport is not None and sel.dport != event.dport:
         return False
-    return not (sel.sport and sport is not None and sel.sport != sport)
+    return not (sel.sport and event.sport is not None and sel.sport != event.sport)
 
 
 def matching_policies(state: NamespaceState, event: XfrmErrorEvent,
@@ -179,7 +177,8 @@ def _template_gap(tmpl: Template, policy: Policy, event: XfrmErrorEvent,
             why.append(f"src {sa.src} != {tmpl.src}")
         if sa.direction == "in":
             why.append("it is an input SA")
-        reasons.append(f"spi {sa.spi:#x}: " + (", ".join(why) or "fits (being replaced?)"))
+        reasons.append(f"spi {sa.spi:#x}: " + (", ".join(why) or "appears to fit (added after "
+                                                "this lookup, or not yet valid)"))
     return f"SAs to {dst} do not fit: " + "; ".join(reasons)
 
 
