@@ -241,3 +241,19 @@ def test_live_watcher_follows_a_new_namespace_and_lets_it_go() -> None:
     watcher.rescan()
     assert inode not in watcher._sockets  # the namespace is not kept alive by us
     watcher.close()
+
+
+def test_watcher_warns_once_about_a_name_that_is_not_a_namespace(tmp_path: Path,
+                                                                 caplog) -> None:
+    """A stale file in /run/netns (or one caught before `ip netns add` mounts it)."""
+    from xfrmtrace.xfrmnl.watch import XfrmWatcher
+
+    (tmp_path / "stale").write_text("")
+    watcher = XfrmWatcher(run_netns=tmp_path)
+    try:
+        watcher.rescan()
+        watcher.rescan()
+    finally:
+        watcher.close()
+    assert watcher.fds() == []
+    assert caplog.text.count("cannot follow XFRM changes in") == 1

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from xfrmtrace.nsenter import netns_inode
 from xfrmtrace.xfrmnl import messages as m
@@ -32,13 +32,14 @@ RESCAN_S = 1.0
 class XfrmWatcher:
     """Sockets per namespace, the database they feed, and the changes they report."""
 
-    def __init__(self, show_keys: bool = False, run_netns: Path = RUN_NETNS,
-                 status: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, show_keys: bool = False, run_netns: Path = RUN_NETNS) -> None:
         self.db = XfrmDatabase()
         self._show_keys = show_keys
         self._run_netns = run_netns
-        self._status = status
         self._sockets: dict[int, XfrmSocket] = {}  # netns inode -> socket
+        # Entries that could not be opened (a name being created, a stale file): tried
+        # again only when they change, so a stale name costs one warning, not one a second.
+        self._failed: set[int] = set()
         self._tc: dict[int, TcSocket] = {}
         self._paths: dict[int, str] = {}
         self._next_scan = 0.0
@@ -69,8 +70,9 @@ class XfrmWatcher:
             except OSError:
                 continue
             present.add(inode)
-            if inode not in self._sockets:
+            if inode not in self._sockets and inode not in self._failed:
                 self._open(path)
+        self._failed &= present
         own = netns_inode(OWN_NETNS)
         for inode in [i for i in self._sockets if i not in present and i != own]:
             self._sockets.pop(inode).close()
@@ -83,9 +85,13 @@ class XfrmWatcher:
     def _open(self, path: str) -> None:
         try:
             inode = netns_inode(path)
+        except OSError:
+            return
+        try:
             sock = XfrmSocket(None if path == OWN_NETNS else path)
         except OSError as err:
             log.warning("cannot follow XFRM changes in %s: %s", path, err)
+            self._failed.add(inode)
             return
         try:
             sock.subscribe()
@@ -93,6 +99,7 @@ class XfrmWatcher:
         except OSError as err:
             sock.close()
             log.warning("cannot read the SAD/SPD of %s: %s", path, err)
+            self._failed.add(inode)
             return
         self._sockets[inode] = sock
         self._paths[inode] = path
