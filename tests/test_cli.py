@@ -34,11 +34,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 def test_help_lists_commands_and_works_without_privileges() -> None:
     proc = run_tool("--help")
     assert proc.returncode == 0
-    assert "trace" in proc.stdout and "sites" in proc.stdout
+    assert "trace" in proc.stdout and "sites" in proc.stdout and "report" in proc.stdout
     trace_help = run_tool("trace", "--help").stdout
     for option in ("--output", "--output-stack", "--filter-counter", "--filter-netns",
-                   "--filter-mark", "--duration"):
+                   "--filter-mark", "--duration", "--no-xfrm-state", "--show-keys"):
         assert option in trace_help
+    assert "--html" in run_tool("report", "--help").stdout
     assert "--ready-file" not in trace_help  # hidden: for tests and orchestration
 
 

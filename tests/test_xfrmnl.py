@@ -257,3 +257,53 @@ def test_watcher_warns_once_about_a_name_that_is_not_a_namespace(tmp_path: Path,
         watcher.close()
     assert watcher.fds() == []
     assert caplog.text.count("cannot follow XFRM changes in") == 1
+
+
+def _db(*names: str) -> XfrmDatabase:
+    db = XfrmDatabase()
+    for name in names:
+        for change in changes(name):
+            db.apply(change)
+    return db
+
+
+def test_policy_explanations_name_the_policy() -> None:
+    db = _db("policy-add", "policy-add-block", "sa-add-aead")
+    blocked = XfrmErrorEvent(counter="XfrmInPolBlock", netns=NETNS, context="skb",
+                             family="ipv4", src="10.9.1.7", dst="10.9.2.8", proto="udp",
+                             proto_num=17, sport=5353, dport=53)
+    assert explain(blocked, db).summary == (
+        "blocked by in policy 10.9.1.0/24 -> 10.9.2.0/24 proto 17 ports 0->53 "
+        "(index 8, priority 0)")
+    blocked.dport = 54  # the selector's port no longer matches
+    assert explain(blocked, db).summary.startswith("no in policy matches 10.9.1.7 -> 10.9.2.8")
+    plain = XfrmErrorEvent(counter="XfrmOutNoStates", netns=NETNS, context="flow",
+                           family="ipv4", src="10.9.0.1", dst="10.9.0.2", proto="icmp",
+                           proto_num=1, mark=0xD00)
+    exp = explain(plain, db)
+    assert exp.details[0].startswith("template [esp tunnel 10.9.0.1 -> 10.9.0.2 reqid 7]: "
+                                     "SAs to 10.9.0.2 do not fit: spi 0x1000: appears to fit")
+    plain.mark = 0  # the policy is marked: an unmarked flow matches no policy
+    assert explain(plain, db).summary.startswith("no out policy matches")
+
+
+def test_sa_explanations_by_spi() -> None:
+    db = _db("sa-add-aead", "sa-add-cbc-encap")
+    event = XfrmErrorEvent(counter="XfrmInStateSeqError", netns=NETNS, context="skb",
+                           family="ipv4", src="10.9.0.1", dst="10.9.0.2", proto="esp",
+                           encap="esp", spi=0x1000, seq=7, mark=0xD00)
+    assert explain(event, db).summary == (
+        "SA spi 0x1000: seq 7 is a replay or older than the replay window (32 packets; "
+        "highest seen 0; replays counted on this SA: 0)")
+    event.counter = "XfrmInStateProtoError"
+    assert "SA spi 0x1000 (aead rfc4106(gcm(aes))) could not authenticate" in \
+        explain(event, db).summary
+    event.counter, event.spi, event.dst = "XfrmInStateMismatch", 0x2000, "10.9.0.1"
+    assert explain(event, db).summary == ("SA spi 0x2000 expects encapsulation espinudp "
+                                          "4500->4500, the packet arrived as plain esp")
+    event.counter = "XfrmInHdrError"
+    event.packet_len = 23
+    assert explain(event, db).summary.startswith(
+        "the packet's ESP header could not be read: the packet (23 bytes) is too short")
+    event.context = "none"
+    assert "carried no packet" in explain(event, db).summary
