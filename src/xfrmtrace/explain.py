@@ -155,12 +155,18 @@ def _in_no_states(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState
     return exp
 
 
+def _template_candidates(tmpl: Template, event: XfrmErrorEvent,
+                         state: NamespaceState) -> list[SA]:
+    """SAs of the template's protocol to its destination (the flow's, when it names none)."""
+    dst = tmpl.dst or event.dst
+    return [sa for sa in state.sas.values() if _same_addr(sa.dst, dst) and sa.proto == tmpl.proto]
+
+
 def _template_gap(tmpl: Template, policy: Policy, event: XfrmErrorEvent,
                   state: NamespaceState) -> str:
     """Why no SA of ``state`` satisfies ``tmpl`` for this flow."""
     dst = tmpl.dst or event.dst
-    to_dst = [sa for sa in state.sas.values()
-              if _same_addr(sa.dst, dst) and sa.proto == tmpl.proto]
+    to_dst = _template_candidates(tmpl, event, state)
     if not to_dst:
         return f"no {tmpl.proto} SA to {dst} exists"
     reasons = []
@@ -291,10 +297,8 @@ def _out_state(describe: Callable[[SA, XfrmErrorEvent], str]) -> Callable[..., E
     def explain(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState) -> Explanation:
         for policy in matching_policies(state, event, "out"):
             for tmpl in policy.templates:
-                dst = tmpl.dst or event.dst
-                for sa in state.sas.values():
-                    if _same_addr(sa.dst, dst) and sa.proto == tmpl.proto and (
-                            not tmpl.reqid or sa.reqid == tmpl.reqid):
+                for sa in _template_candidates(tmpl, event, state):
+                    if not tmpl.reqid or sa.reqid == tmpl.reqid:
                         return Explanation(describe(sa, event), sas=[sa], policies=[policy])
         gone = db.last_change(event.netns, lambda c: c.kind == "sa" and c.action == "expired"
                               and c.sa is not None and _same_addr(c.sa.dst, event.dst))
