@@ -37,7 +37,9 @@ def test_help_lists_commands_and_works_without_privileges() -> None:
     assert "trace" in proc.stdout and "sites" in proc.stdout and "report" in proc.stdout
     trace_help = run_tool("trace", "--help").stdout
     for option in ("--output", "--output-stack", "--filter-counter", "--filter-netns",
-                   "--filter-mark", "--duration", "--no-xfrm-state", "--show-keys"):
+                   "--filter-mark", "--duration", "--no-xfrm-state", "--show-keys",
+                   "--output-file", "--output-file-size", "--output-file-count", "--output-pcap",
+                   "--metrics-addr", "--host-proc"):
         assert option in trace_help
     assert "--html" in run_tool("report", "--help").stdout
     assert "--ready-file" not in trace_help  # hidden: for tests and orchestration
@@ -63,6 +65,27 @@ def test_bad_mark_is_a_usage_error() -> None:
     proc = run_tool("--filter-mark", "0xzz")
     assert proc.returncode == 2
     assert "invalid mark" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--metrics-addr", "localhost:http"), "invalid metrics address"),
+    (("--metrics-addr", "0"), "invalid metrics port"),
+    (("--output-file-size", "0"), "must be positive"),
+    (("--output-file-count", "-1"), "must not be negative"),
+])
+def test_bad_output_options_are_usage_errors(args: tuple, needle: str) -> None:
+    proc = run_tool("trace", *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get past the privilege check")
+def test_masked_kcore_names_the_container_fix(tmp_path: Path) -> None:
+    """A container runtime masks /proc/kcore with /dev/null: say how to mount the host's."""
+    (tmp_path / "kallsyms").write_text(Path("/proc/kallsyms").read_text())
+    (tmp_path / "kcore").write_bytes(b"")
+    proc = run_tool("sites", "--no-cache", "--host-proc", str(tmp_path))
+    assert_one_line_error(proc, "kcore is masked", "--host-proc")
 
 
 def test_offline_sites_needs_both_files(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
@@ -55,6 +56,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from xfrmtrace.metrics import parse_listen_address
+
+    try:
+        return parse_listen_address(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xfrmtrace", description=DESCRIPTION,
@@ -77,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "timeline, no explanations")
     out.add_argument("--show-keys", action="store_true",
                      help="print SA keys in the SA/policy timeline (default: <redacted>)")
+    out.add_argument("--output-file", type=Path, metavar="PATH",
+                     help="write events and the summary to PATH instead of stdout, rotated by "
+                     "size (status lines go to stderr)")
+    out.add_argument("--output-file-size", type=_positive_number, default=100.0, metavar="MIB",
+                     help="rotate PATH when it would grow past this many MiB (default 100)")
+    out.add_argument("--output-file-count", type=_positive_int, default=5, metavar="N",
+                     help="rotated files kept: PATH.1 .. PATH.N (default 5)")
+    out.add_argument("--output-pcap", type=Path, metavar="FILE",
+                     help="also write each traced packet to FILE (pcapng), with a comment "
+                     "naming counter, site, namespace and mark")
+    out.add_argument("--metrics-addr", metavar="[HOST:]PORT", type=_listen_address,
+                     help="serve Prometheus metrics (exact counts per counter, function and "
+                     "namespace) on http://HOST:PORT/metrics; HOST defaults to 127.0.0.1")
     filt = trace.add_argument_group("filters (counts stay exact; only events are filtered)")
     filt.add_argument("--filter-counter", metavar="NAME[,NAME]",
                       help="only these counters, e.g. XfrmInNoStates,XfrmOutNoStates")
@@ -125,6 +158,10 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="site cache directory (default /var/cache/xfrmtrace as root)")
     parser.add_argument("--no-cache", action="store_true", help="resolve sites from scratch")
+    parser.add_argument("--host-proc", type=Path, default=Path("/proc"), metavar="DIR",
+                        help="the host's procfs, for kallsyms, kcore and modules (default /proc; "
+                        "in a container, where /proc/kcore is masked, mount the host's /proc "
+                        "e.g. at /host/proc)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what happens (twice: debug)")
 
@@ -183,7 +220,7 @@ def _open_view(args: argparse.Namespace):  # -> KernelView
         return discovery.open_offline(args.vmlinux, args.kallsyms)
     preflight.check_privileges()
     preflight.check_btf()
-    return discovery.open_live()
+    return discovery.open_live(args.host_proc)
 
 
 def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
@@ -263,19 +300,54 @@ def _counter_filter(text: Optional[str], counters: dict[int, str]) -> Optional[s
 
 
 def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
-    from xfrmtrace import discovery, preflight
+    from xfrmtrace import preflight
+
+    preflight.check_tracing()
+    with ExitStack() as cleanup:
+        metrics = None
+        if args.metrics_addr:
+            from xfrmtrace.metrics import MetricsServer, require_metrics
+
+            require_metrics()
+            metrics = MetricsServer(args.metrics_addr)
+            cleanup.callback(metrics.close)
+        pcap = None
+        if args.output_pcap:
+            from xfrmtrace.output.pcapng import PcapngWriter
+
+            pcap = PcapngWriter(cleanup.enter_context(_open_output(args.output_pcap, "wb")))
+        if args.output_file:
+            from xfrmtrace.output.rotating import RotatingFile
+
+            rotating = RotatingFile(args.output_file, int(args.output_file_size * (1 << 20)),
+                                    args.output_file_count)
+            cleanup.callback(rotating.close)
+            out = rotating  # type: ignore[assignment]
+        # Status lines go to stdout with text output, to stderr when stdout carries JSON or
+        # the events go to a file.
+        status_stream = sys.stderr if args.output == "json" or args.output_file else out
+        return _trace(args, out, status_stream, pcap, metrics)
+
+
+def _open_output(path: Path, mode: str):  # -> BinaryIO
+    try:
+        return open(path, mode)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror}") from None
+
+
+def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
+           pcap, metrics) -> int:  # pcap: Optional[PcapngWriter], metrics: Optional[MetricsServer]
+    from xfrmtrace import discovery
     from xfrmtrace.modules import ModuleWatcher
     from xfrmtrace.output import summary as summary_out
     from xfrmtrace.session import SessionOptions, TraceSession
 
-    preflight.check_tracing()
     options = SessionOptions(
         output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
         filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_mib=args.ringbuf_size,
         ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
         show_keys=args.show_keys)
-    # Status lines go to stdout with text output, to stderr when stdout carries JSON.
-    status_stream = sys.stderr if args.output == "json" else out
 
     def status(line: str) -> None:
         print(line, file=status_stream, flush=True)
@@ -285,15 +357,16 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     signal.signal(signal.SIGTERM, stop)
     # Read /proc/modules before kallsyms: a module loading in between is then seen as new
     # (and found already attached) rather than missed.
-    modules = ModuleWatcher()
-    view = discovery.open_live()
+    modules = ModuleWatcher(args.host_proc / "modules")
+    view = discovery.open_live(args.host_proc)
     try:
         cache = _site_cache(args)
         resolution = discovery.resolve_sites(view, cache=cache)
         if not resolution.sites:
             raise KernelFeatureMissing("no XFRM counter increment sites found in kernel text: "
                                        "run `xfrmtrace sites --audit` to see why")
-        session = TraceSession(view, resolution.sites, options, out, status, modules, cache)
+        session = TraceSession(view, resolution.sites, options, out, status, modules, cache,
+                               pcap=pcap, metrics=metrics)
         deadline = time.monotonic() + args.duration if args.duration else None
         summary = session.run(stop, deadline,
                               _counter_filter(args.filter_counter, view.model.counters))
@@ -305,4 +378,6 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(summary_out.format_text(summary, netns_names))
     out.flush()
+    if pcap is not None:
+        status(f"Wrote {pcap.packets} packets to {args.output_pcap}")
     return 0

@@ -25,6 +25,7 @@ from xfrmtrace.sites import Resolution, SiteResolver
 log = logging.getLogger("xfrmtrace.discovery")
 
 MIB_MEMBER = ("net", "mib.xfrm_statistics")
+HOST_PROC = Path("/proc")
 
 
 @dataclass
@@ -70,14 +71,18 @@ class KernelView:
         self.model.btf.close()
 
 
-def open_live() -> KernelView:
-    """The running kernel (needs root)."""
+def open_live(host_proc: Path = HOST_PROC) -> KernelView:
+    """The running kernel (needs root).
+
+    ``host_proc`` is a procfs of the host: in a container, where the runtime masks
+    /proc/kcore, the host's /proc mounted elsewhere (``--host-proc``).
+    """
     started = time.monotonic()
     btf = Btf.vmlinux()
     try:
         model = kernel_model(btf, counters_mod.read_proc_names())
-        syms = Kallsyms.load()
-        text = open_kcore()
+        syms = Kallsyms.load(host_proc / "kallsyms")
+        text = open_kcore(host_proc / "kcore")
     except BaseException:
         btf.close()
         raise

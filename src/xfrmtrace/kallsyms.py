@@ -42,6 +42,9 @@ class Kallsyms:
     def __init__(self, symbols: list[tuple[int, str, str]], core_text_end: int = 0) -> None:
         """``symbols``: (address, name, object) of text symbols, any order."""
         self._core_text_end = core_text_end
+        # Where the symbols came from, so refresh_modules() re-reads the same file.
+        self.source_path: Path = PROC_KALLSYMS
+        self.sysfs: Optional[Path] = None
         self._index(symbols)
 
     def _index(self, symbols: list[tuple[int, str, str]]) -> None:
@@ -70,9 +73,11 @@ class Kallsyms:
             text = Path(path).read_text(errors="replace")
         except OSError as err:
             raise InputError(f"cannot read {path}: {err.strerror}") from err
-        if sysfs is None and Path(path) == PROC_KALLSYMS:
-            sysfs = SYS_MODULE
-        return cls.parse(text, source=str(path), sysfs=sysfs)
+        if sysfs is None and Path(path).name == PROC_KALLSYMS.name:
+            sysfs = SYS_MODULE  # a live kallsyms, e.g. /proc/kallsyms or /host/proc/kallsyms
+        syms = cls.parse(text, source=str(path), sysfs=sysfs)
+        syms.source_path, syms.sysfs = Path(path), sysfs
+        return syms
 
     @classmethod
     def parse(cls, text: str, source: str = "kallsyms",
@@ -87,16 +92,19 @@ class Kallsyms:
                        if o == VMLINUX or not sections[o].is_init(a)]
         return cls(symbols, core_text_end=etext)
 
-    def refresh_modules(self, modules: Iterable[str], path: Union[str, Path] = PROC_KALLSYMS,
-                        sysfs: Path = SYS_MODULE) -> None:
+    def refresh_modules(self, modules: Iterable[str], path: Union[str, Path, None] = None,
+                        sysfs: Optional[Path] = None) -> None:
         """Re-read the symbols of ``modules``: loaded, reloaded elsewhere, or gone.
 
         Only those modules' lines are parsed, so a module load costs a read of
-        kallsyms, not a re-parse of all of it.
+        kallsyms, not a re-parse of all of it.  ``path`` and ``sysfs`` default to
+        what :meth:`load` read from.
         """
         names = set(modules)
         if not names:
             return
+        path = path or self.source_path
+        sysfs = sysfs or self.sysfs or SYS_MODULE
         sections = {name: _Sections.of(name, sysfs) for name in names}
         try:
             text = Path(path).read_text(errors="replace")

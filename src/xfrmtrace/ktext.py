@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import os
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -72,6 +73,12 @@ def open_kcore(path: Union[str, Path] = PROC_KCORE) -> TextReader:
         ) from err
     except PermissionError as err:
         raise PermissionProblem(f"cannot read {path}: run as root") from err
+    if os.fstat(stream.fileno()).st_size == 0 and not stream.read(4):
+        # A container runtime masks /proc/kcore with /dev/null; the real one has an ELF header.
+        stream.close()
+        raise PermissionProblem(
+            f"{path} is masked (empty): in a container, mount the host's /proc elsewhere, "
+            "e.g. /host/proc, and pass --host-proc /host/proc")
     return TextReader(stream, str(path))
 
 

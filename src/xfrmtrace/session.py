@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import select
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from xfrmtrace.errors import InputError, KernelFeatureMissing
 from xfrmtrace.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.explain import explain
 from xfrmtrace.follow import ModuleFollower
+from xfrmtrace.metrics import MetricsServer, MetricsSnapshot, error_counts
 from xfrmtrace.model import Site
 from xfrmtrace.modules import ModuleWatcher
 from xfrmtrace.netns import NetnsNames
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
+from xfrmtrace.output.pcapng import PcapngWriter
 from xfrmtrace.sitecache import SiteCache
 from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
 from xfrmtrace.xfrmnl.changes import XfrmChange
@@ -79,9 +82,12 @@ class TraceSession:
     def __init__(self, view: KernelView, sites: list[Site], options: SessionOptions,
                  out: TextIO, status: Callable[[str], None],
                  modules: Optional[ModuleWatcher] = None,
-                 cache: Optional[SiteCache] = None) -> None:
+                 cache: Optional[SiteCache] = None,
+                 pcap: Optional[PcapngWriter] = None,
+                 metrics: Optional[MetricsServer] = None) -> None:
         """``modules``, if given, was created before ``view`` read kallsyms: modules that
-        load later get their sites probed while tracing."""
+        load later get their sites probed while tracing.  ``pcap`` also gets every event
+        with packet bytes; ``metrics`` starts serving once the probes are attached."""
         self._view = view
         self._sites = sites
         self._modules = modules
@@ -97,6 +103,12 @@ class TraceSession:
         self._clock_offset = time.time_ns() - time.monotonic_ns()
         self._pending: list[XfrmErrorEvent] = []
         self.events = 0
+        self._pcap = pcap
+        self._metrics = metrics
+        # The metrics thread reads the tracer's maps; this lock keeps it from doing so while
+        # the tracing thread adds or removes probes, or closes the tracer.
+        self._lock = threading.Lock()
+        self._tracer: Optional[Tracer] = None  # set while probes may be attached
 
     def _config(self, counter_filter: Optional[set[int]]) -> TraceConfig:
         netns = 0
@@ -159,8 +171,12 @@ class TraceSession:
             if watcher is not None:
                 event.explain = explain(event, watcher.db)
             self._out.write(self._format(event) + "\n")
+            if self._pcap is not None:
+                self._pcap.write_event(event)
             self.events += 1
         self._out.flush()
+        if self._pcap is not None:
+            self._pcap.flush()
 
     def run(self, stop: StopFlag, deadline: Optional[float] = None,
             counter_filter: Optional[set[int]] = None) -> Summary:
@@ -176,6 +192,10 @@ class TraceSession:
             log.info("%d site and %d entry probes attached (%.2fs)", report.sites_attached,
                      report.entries_attached, time.monotonic() - started)
             self._report_attach(report)
+            self._tracer = tracer
+            if self._metrics is not None:
+                self._metrics.start(self.metrics_snapshot)
+                self._status(f"Serving metrics on {self._metrics.url}")
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
             next_module_poll = time.monotonic()
@@ -191,17 +211,36 @@ class TraceSession:
                 tracer.drain()
                 self._emit(watcher, changes)
                 if follower is not None and time.monotonic() >= next_module_poll:
-                    follower.poll(tracer)
+                    with self._lock:
+                        follower.poll(tracer)
                     next_module_poll = time.monotonic() + _MODULE_POLL_S
-            tracer.detach()
+            with self._lock:
+                tracer.detach()
             tracer.drain()  # events already queued are still delivered
             self._emit(watcher, watcher.poll() if watcher else [])
             summary = self._summary(tracer, time.monotonic() - started)
         finally:
-            tracer.close()
+            with self._lock:
+                self._tracer = None
+                tracer.close()
             if watcher is not None:
                 watcher.close()
         return summary
+
+    def metrics_snapshot(self) -> Optional[MetricsSnapshot]:
+        """Exact counts from the kernel maps, for a metrics scrape (any thread)."""
+        with self._lock:
+            tracer = self._tracer
+            if tracer is None:
+                return None
+            sites = dict(tracer.sites)
+            errors = error_counts(sites, tracer.site_counts(), tracer.netns_counts())
+            stats = tracer.stats()
+            attached, expected = tracer.site_probes()
+        inodes = {int(netns) for _c, _f, netns in errors if netns.isdigit()}
+        names = {inode: name for inode in inodes if (name := self._netns.name(inode))}
+        return MetricsSnapshot(errors=errors, stats=stats, probes_attached=attached,
+                               probes_expected=expected, netns_names=names)
 
     def _report_attach(self, report: AttachReport) -> None:
         for site, why in report.sites_failed:

@@ -98,6 +98,9 @@ class Tracer:
         self._func_ids: dict[tuple[str, str], int] = {}
         self._links: dict[str, list[Link]] = {}  # object -> its probes
         self._addresses: dict[str, list[tuple[str, int]]] = {}  # object -> (map, address)
+        # Site probes per object, wanted and attached (entry probes are not counted).
+        self._sites_expected: dict[str, int] = {}
+        self._sites_attached: dict[str, int] = {}
         self._by_address: Optional[bool] = None
 
     # --- setup -------------------------------------------------------------------------------
@@ -133,12 +136,14 @@ class Tracer:
                 log.info("no argument recording for %s: %s", func.function, err)
         site_prog = self._obj.program("xt_site")
         for site in sites:
+            self._sites_expected[site.object] = self._sites_expected.get(site.object, 0) + 1
             if not self._register_site(site):
                 report.sites_failed.append((site, "site table full"))
                 continue
             try:
                 self._keep(site.object, _attach(site_prog, site.function, site.offset,
                                                 site.address, bool(self._by_address)))
+                self._sites_attached[site.object] = self._sites_attached.get(site.object, 0) + 1
                 report.sites_attached += 1
             except OSError as err:
                 report.sites_failed.append((site, err.strerror or str(err)))
@@ -150,10 +155,16 @@ class Tracer:
         links = self._links.pop(obj, [])
         for link in links:
             link.destroy()
+        self._sites_expected.pop(obj, None)
+        self._sites_attached.pop(obj, None)
         # The addresses may be reused by the next module loaded there.
         for map_name, address in self._addresses.pop(obj, []):
             self._obj.map(map_name).delete(_u64(address))
         return len(links)
+
+    def site_probes(self) -> tuple[int, int]:
+        """(attached, expected) site probes in the objects loaded now."""
+        return sum(self._sites_attached.values()), sum(self._sites_expected.values())
 
     def attached_addresses(self, obj: str) -> set[int]:
         """Addresses of the sites currently registered for ``obj``."""
@@ -230,6 +241,7 @@ class Tracer:
             for link in links:
                 link.destroy()
         self._links.clear()
+        self._sites_attached.clear()
 
     def site_counts(self) -> dict[int, int]:
         """site_id -> exact number of increments seen (all CPUs)."""
