@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -62,11 +63,14 @@ def run(request, tmp_path_factory) -> dict:
     audit = out / "audit.json"
     data["audit_entries"] = json.loads(audit.read_text()) if audit.exists() else None
     data["events_path"] = str(out / "events.jsonl")
+    data["pcap_path"] = str(out / "events.pcapng")
     boot = "?" if result.boot_seconds is None else f"{result.boot_seconds:.0f}"
     report_line(request.config,
                 f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s: boot {boot} s, "
                 f"tool ready {data.get('ready_seconds')} s, scenarios "
-                f"{data.get('scenario_seconds')} s, audit {data.get('audit', {}).get('seconds')} s")
+                f"{data.get('scenario_seconds')} s, "
+                f"audit {data.get('audit', {}).get('seconds')} s, "
+                f"tool peak RSS {data.get('tool_peak_rss_kib', 0) // 1024} MiB")
     if data["audit_entries"] is not None:
         by_class = Counter(e["classification"] for e in data["audit_entries"])
         report_line(request.config,
@@ -106,6 +110,46 @@ def test_event_counts_equal_proc_counters(run: dict) -> None:
                 assert dict(seen) == moved, f"{name}, {ns}: events {dict(seen)} vs /proc {moved}"
                 checked += len(moved)
     assert checked >= len(scenarios.SCENARIOS) - 3
+
+
+def test_metrics_equal_proc_counters(run: dict) -> None:
+    """A scrape of --metrics-addr after the scenarios: for every counter of every scenario
+    namespace, xfrmtrace_xfrm_errors_total equals the /proc/net/xfrm_stat delta (the
+    namespaces are newer than the tool, so their totals are the deltas)."""
+    assert run["metrics"].startswith("# HELP"), run["metrics"][:500]
+    metrics = trace_run.metric_errors(run["metrics"])
+    checked = 0
+    for name, record in run["scenarios"].items():
+        for lab in record.get("labs", []):
+            for ns, totals in lab["totals"].items():
+                inode = str(lab["netns"][ns])
+                scraped = {c: n for (c, netns), n in metrics.items() if netns == inode}
+                moved = {counter: n for counter, n in totals.items() if n}
+                assert scraped == moved, f"{name}, {ns}: metrics {scraped} vs /proc {moved}"
+                checked += len(moved)
+    assert checked >= len(scenarios.SCENARIOS) - 3
+    assert "xfrmtrace_events_lost_total 0.0" in run["metrics"]
+    attached = re.search(r"^xfrmtrace_probes_attached (\S+)$", run["metrics"], re.M)
+    expected = re.search(r"^xfrmtrace_probes_expected (\S+)$", run["metrics"], re.M)
+    assert attached and expected and float(attached[1]) == float(expected[1]) > 20
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed (make deps)")
+def test_pcap_packets_read_by_tshark(run: dict) -> None:
+    """--output-pcap: one packet per event with packet bytes; the ESP SPI as Wireshark
+    dissects it and the comment naming counter, site and namespace."""
+    proc = subprocess.run(["tshark", "-r", run["pcap_path"], "-T", "fields", "-E",
+                           "separator=|", "-E", "occurrence=f", "-e", "esp.spi",
+                           "-e", "frame.comment"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    rows = [line.split("|") for line in proc.stdout.splitlines()]
+    with_bytes = [e for e in run["events"] if e["packet_len"]]
+    assert len(rows) == len(with_bytes) > 0
+    lab = run["scenarios"]["in-no-states"]["labs"][0]
+    inode = lab["netns"][lab["config"]["ns_b"]]
+    ours = [spi for spi, comment in rows
+            if comment.startswith("XfrmInNoStates at xfrm_input+") and f"netns {inode} " in comment]
+    assert [int(spi, 16) for spi in ours] == [lab["config"]["spi_ab"]] * PACKETS, rows
 
 
 def test_summary_counts_match_events(run: dict) -> None:

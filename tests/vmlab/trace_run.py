@@ -21,17 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from tests.vmlab import ipsec, scenarios
 
 READY_TIMEOUT = 600.0
+METRICS_ADDR = "127.0.0.1:9477"
 MODULE_TIMEOUT = 120.0
 KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
 # Modules with counter sites on Debian kernels (see `xfrmtrace sites`).
@@ -80,8 +83,10 @@ class Tool:
         self.ready_file = out / "ready"
         self.ready_file.unlink(missing_ok=True)
         self.events_path, self.stderr_path = out / "events.jsonl", out / "stderr.txt"
+        self.pcap_path = out / "events.pcapng"
         argv = [xfrmtrace(), "trace", "--output", output, "--ready-file", str(self.ready_file),
-                "--cache-dir", "/tmp/xfrmtrace-cache", *extra]
+                "--cache-dir", "/tmp/xfrmtrace-cache", "--metrics-addr", METRICS_ADDR,
+                "--output-pcap", str(self.pcap_path), *extra]
         with open(self.events_path, "w") as events, open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(argv, stdout=events, stderr=stderr,
                                          env=fast_capstone_env())
@@ -111,6 +116,33 @@ class Tool:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def scrape_metrics(address: str = METRICS_ADDR) -> str:
+    """The tool's Prometheus endpoint, as text (or the error, for the host to show)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=60) as response:
+            return response.read().decode()
+    except OSError as err:
+        return f"# scrape failed: {err}"
+
+
+def metric_errors(text: str) -> Dict[tuple, int]:
+    """(counter, netns label) -> xfrmtrace_xfrm_errors_total summed over functions (host)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: Dict[tuple, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "xfrmtrace_xfrm_errors_total":
+                key = (sample.labels["counter"], sample.labels["netns"])
+                totals[key] = totals.get(key, 0) + int(sample.value)
+    return totals
+
+
+def peak_rss_kib() -> int:
+    """Largest resident set of any child waited for so far: the tool, once stopped."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
 def late_module_phase(tool: Tool) -> Dict[str, Any]:
@@ -177,11 +209,13 @@ def run(out: Path, names: List[str], count: int, extra: List[str], output: str =
             t0 = time.monotonic()
             results["scenarios"], contexts = run_scenarios(names, count)
             results["scenario_seconds"] = round(time.monotonic() - t0, 1)
+            results["metrics"] = scrape_metrics()
             results["kprobes_while_tracing"] = kprobes()
             results["site_modules_while_tracing"] = [m for m in SITE_MODULES
                                                      if m in loaded_modules()]
     finally:
         results["returncode"] = tool.stop()
+        results["tool_peak_rss_kib"] = peak_rss_kib()
         for ctx in contexts:
             ctx.close()
     results["kprobes_after_exit"] = kprobes()
