@@ -72,6 +72,8 @@ def test_bad_mark_is_a_usage_error() -> None:
     (("--metrics-addr", "0"), "invalid metrics port"),
     (("--output-file-size", "0"), "must be positive"),
     (("--output-file-count", "-1"), "must not be negative"),
+    (("--ringbuf-size", "2K"), "below one page"),
+    (("--ringbuf-size", "4G"), "invalid size"),
 ])
 def test_bad_output_options_are_usage_errors(args: tuple, needle: str) -> None:
     proc = run_tool("trace", *args)

@@ -66,6 +66,21 @@ def _positive_number(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20}
+
+
+def _ring_size(text: str) -> int:
+    """``4`` (MiB), ``64K`` or ``8M`` -> bytes, at least one page."""
+    number, unit = text.rstrip("kKmM"), text[len(text.rstrip("kKmM")):].lower()
+    if not number.isdigit() or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use MiB or a K/M suffix, "
+                                         "e.g. 4 or 64K")
+    size = int(number) * _SIZE_UNITS[unit]
+    if size < 4096:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below one page (4K)")
+    return size
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     from xfrmtrace.metrics import parse_listen_address
 
@@ -122,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
     run.add_argument("--rate-limit", type=_positive_int, default=0, metavar="N",
                      help="at most N events per site per second (0: no limit); counts stay exact")
-    run.add_argument("--ringbuf-size", type=_positive_int, default=4, metavar="MIB",
-                     help="ring buffer size in MiB (default 4)")
+    run.add_argument("--ringbuf-size", type=_ring_size, default=4 << 20, metavar="SIZE",
+                     help="ring buffer size: MiB, or with a K or M suffix, e.g. 64K (default "
+                     "4; rounded up to a power of two); counts stay exact when it overflows")
     run.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
 
     sites = sub.add_parser("sites", help="list counter increment sites",
@@ -345,7 +361,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
 
     options = SessionOptions(
         output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
-        filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_mib=args.ringbuf_size,
+        filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_bytes=args.ringbuf_size,
         ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
         show_keys=args.show_keys)
 

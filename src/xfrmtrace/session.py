@@ -47,7 +47,7 @@ class SessionOptions:
     filter_netns: Optional[str] = None
     filter_mark: Optional[tuple[int, int]] = None
     rate_limit: int = 0
-    ringbuf_mib: int = 4
+    ringbuf_bytes: int = 4 << 20
     ready_file: Optional[Path] = None
     follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
     show_keys: bool = False
@@ -126,7 +126,7 @@ class TraceSession:
             mark_mask=mark_mask,
             capture_stack=self._options.stack,
             site_rate_limit=self._options.rate_limit,
-            ringbuf_bytes=max(1, self._options.ringbuf_mib) << 20,
+            ringbuf_bytes=self._options.ringbuf_bytes,
         )
 
     def _wall_clock(self, monotonic_ns: int) -> int:
