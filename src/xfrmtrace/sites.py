@@ -30,6 +30,8 @@ from xfrmtrace.model import Site
 # with a disp8 or disp32 memory operand.  Index 0 (no displacement) is
 # LINUX_MIB_XFRMNUM, never incremented.
 _GS_INCREMENT = re.compile(rb"\x65[\x48-\x4f][\xff\x83][\x40-\x47\x80-\x87]", re.S)
+_SCAN_CHUNK = 4 << 20  # bytes of core kernel text scanned at a time
+_SCAN_OVERLAP = 16  # > the length of a _GS_INCREMENT match
 
 CALLER_SAVED = frozenset({"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"})
 _BLOCK_LIMIT = 256  # (block, register) pairs a backward search may visit per site
@@ -398,8 +400,10 @@ class SiteResolver:
     def _candidates(self, obj: str) -> dict[str, list[int]]:
         """Group parent name -> candidate addresses, for one object."""
         groups: dict[str, list[int]] = {}
-        for start, data in self._text_regions(obj):
+        for start, data, limit in self._text_regions(obj):
             for match in _GS_INCREMENT.finditer(data):
+                if match.start() >= limit:
+                    break  # in the overlap: the next region finds it
                 addr = start + match.start()
                 func = self._syms.lookup(addr)
                 if func is None or func.object != obj:
@@ -407,26 +411,26 @@ class SiteResolver:
                 groups.setdefault(_parent_name(func.name), []).append(addr)
         return groups
 
-    def _text_regions(self, obj: str) -> Iterator[tuple[int, bytes]]:
-        if obj == VMLINUX:
-            start, end = self._syms.core_text_range()
-            yield start, self._read_fully(start, end - start)
-            return
-        for func in self._syms.functions(obj):
-            data = self._read(func.start, func.size)
-            if data:
-                yield func.start, data
+    def _text_regions(self, obj: str) -> Iterator[tuple[int, bytes, int]]:
+        """(address, bytes, limit): matches must start before ``limit`` in ``bytes``.
 
-    def _read_fully(self, addr: int, size: int) -> bytes:
-        chunks = []
-        while size > 0:
-            chunk = self._read(addr, min(size, 1 << 24))
-            if not chunk:
+        Core kernel text (tens of MiB) comes in chunks that overlap by more than a match's
+        length, so the scan never holds all of it: it sets the tool's peak memory.
+        """
+        if obj != VMLINUX:
+            for func in self._syms.functions(obj):
+                data = self._read(func.start, func.size)
+                if data:
+                    yield func.start, data, len(data)
+            return
+        addr, end = self._syms.core_text_range()
+        while addr < end:
+            data = self._read(addr, min(_SCAN_CHUNK + _SCAN_OVERLAP, end - addr))
+            if not data:
                 break
-            chunks.append(chunk)
-            addr += len(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+            step = min(_SCAN_CHUNK, len(data))
+            yield addr, data, step
+            addr += step
 
     # classification
     def _classify_function(self, parent: str, addrs: list[int], result: Resolution) -> None:
