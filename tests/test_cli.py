@@ -6,10 +6,13 @@ tool must say so in one line, without a traceback.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,182 @@ def test_offline_sites_unreadable_files(tmp_path: Path) -> None:
     garbage.write_bytes(b"\x7fELF" + os.urandom(200))
     proc = run_tool("sites", "--vmlinux", str(garbage), "--kallsyms", str(garbage))
     assert_one_line_error(proc)
+
+
+# ---- bad command lines and unreadable files: one clear line, non-zero exit ----------------
+
+USAGE_ERRORS = [
+    ("report",), ("report", "a.jsonl", "b.jsonl"), ("report", "a.jsonl", "--bogus"),
+    ("report", "a.jsonl", "--output", "xml"), ("report", "a.jsonl", "--html"),
+    ("sites", "--output", "xml"), ("sites", "--bogus"), ("sites", "--vmlinux"),
+    ("--bogus",), ("bogus-command",), ("trace", "--output"), ("trace", "--duration", "soon"),
+    ("trace", "--rate-limit", "-5"), ("trace", "--filter-mark", "0xd00/0"),
+    ("trace", "--output-file-count", "many"), ("trace", "--cache-dir"),
+]
+
+
+@pytest.mark.parametrize("args", USAGE_ERRORS, ids=" ".join)
+def test_bad_command_lines_are_usage_errors(args: tuple) -> None:
+    proc = run_tool(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("usage: xfrmtrace"), proc.stderr
+    assert all(line.startswith(" ") for line in lines[1:-1]), proc.stderr  # usage, wrapped
+    assert re.match(r"xfrmtrace( \w+)?: error: \S", lines[-1]), proc.stderr
+
+
+def _elf_with_btf(directory: Path, btf: bytes) -> Path:
+    """An ELF object whose .BTF section holds ``btf``: passes the "has .BTF" check."""
+    if shutil.which("as") is None or shutil.which("objcopy") is None:
+        pytest.skip("GNU as/objcopy (Debian binutils) not installed")
+    (directory / "empty.s").write_text("\n")
+    (directory / "btf.bin").write_bytes(btf)
+    subprocess.run(["as", "--64", "-o", directory / "empty.o", directory / "empty.s"],
+                   check=True)
+    elf = directory / "vmlinux"
+    subprocess.run(["objcopy", "--add-section", f".BTF={directory / 'btf.bin'}",
+                    directory / "empty.o", elf], check=True)
+    return elf
+
+
+JUNK = b"\xff\x00\x7fELF" + bytes(range(256)) * 4
+KALLSYMS = "ffffffff81000000 T _stext\nffffffff81000010 T xfrm_input\nffffffff81001000 T _etext\n"
+
+
+def _input_case(name: str, d: Path) -> tuple[list, list[str]]:
+    """(arguments, words the one error line must hold) for ``name``, its files under ``d``."""
+    (d / "junk").write_bytes(JUNK)
+    (d / "log.jsonl").write_text('{"type": "summary"}\n')
+    (d / "kallsyms").write_text(KALLSYMS)
+    (d / "zeros").write_text(re.sub("^[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.M))
+    log, missing = d / "log.jsonl", d / "absent"
+    if name.startswith("sites --kallsyms") or name == "sites: junk BTF":
+        elf = _elf_with_btf(d, b"\x9f\xeb\x01\x00" + JUNK)
+    cases = {
+        "report: missing": (["report", missing], ["cannot read", "No such file"]),
+        "report: directory": (["report", d], ["cannot read", "Is a directory"]),
+        "report --html: missing directory": (["report", log, "--html", missing / "r.html"],
+                                             ["cannot write", "No such file"]),
+        "report --html: directory": (["report", log, "--html", d], ["cannot write",
+                                                                    "Is a directory"]),
+        "sites --vmlinux: directory": (["sites", "--vmlinux", d, "--kallsyms", d],
+                                       ["cannot read", "Is a directory"]),
+        "sites --vmlinux: junk": (["sites", "--vmlinux", d / "junk", "--kallsyms",
+                                   d / "kallsyms"], ["has no .BTF section"]),
+        "sites: junk BTF": (["sites", "--vmlinux", "ELF", "--kallsyms", d / "kallsyms"],
+                            ["cannot read BTF from"]),
+        "sites --kallsyms: missing": (["sites", "--vmlinux", "ELF", "--kallsyms", missing],
+                                      ["cannot read", "No such file"]),
+        "sites --kallsyms: directory": (["sites", "--vmlinux", "ELF", "--kallsyms", d],
+                                        ["cannot read", "Is a directory"]),
+        "sites --kallsyms: junk": (["sites", "--vmlinux", "ELF", "--kallsyms", d / "junk"],
+                                   ["has no text symbols"]),
+        "sites --kallsyms: zero addresses": (["sites", "--vmlinux", "ELF", "--kallsyms",
+                                              d / "zeros"], ["only zero addresses"]),
+    }
+    args, needles = cases[name]
+    return [str(elf) if a == "ELF" else str(a) for a in args], needles
+
+
+INPUT_CASES = ["report: missing", "report: directory", "report --html: missing directory",
+               "report --html: directory", "sites --vmlinux: directory",
+               "sites --vmlinux: junk", "sites: junk BTF", "sites --kallsyms: missing",
+               "sites --kallsyms: directory", "sites --kallsyms: junk",
+               "sites --kallsyms: zero addresses"]
+
+
+@pytest.mark.parametrize("name", INPUT_CASES)
+def test_unreadable_or_junk_input_gives_one_line(tmp_path: Path, name: str) -> None:
+    args, needles = _input_case(name, tmp_path)
+    proc = run_tool(*args)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert_one_line_error(proc, "xfrmtrace: error: ", *needles)
+    assert proc.stderr.startswith("xfrmtrace: error: ")
+
+
+UNPRIVILEGED = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory nobody (uid 65534) can enter but not write; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="xfrmtrace-cli-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+@pytest.mark.parametrize("name", ["report", "report --html", "sites --vmlinux",
+                                  "sites --kallsyms"])
+def test_file_without_permission_gives_one_line(shared_dir: Path, name: str) -> None:
+    secret, public = shared_dir / "secret", shared_dir / "public.jsonl"
+    secret.write_text('{"type": "summary"}\n')
+    secret.chmod(0o600)
+    public.write_text('{"type": "summary"}\n')
+    public.chmod(0o644)
+    if name.startswith("sites"):
+        elf = _elf_with_btf(shared_dir, b"\x9f\xeb\x01\x00")
+        elf.chmod(0o644)
+    args = {
+        "report": ["report", secret],
+        "report --html": ["report", public, "--html", shared_dir / "report.html"],
+        "sites --vmlinux": ["sites", "--vmlinux", secret, "--kallsyms", public],
+        "sites --kallsyms": ["sites", "--vmlinux", shared_dir / "vmlinux", "--kallsyms", secret],
+    }[name]
+    proc = run_tool(*map(str, args), prefix=UNPRIVILEGED)
+    word = "cannot write" if name == "report --html" else "cannot read"
+    assert_one_line_error(proc, "xfrmtrace: error: ", word, "Permission denied")
+    assert proc.returncode == 1 and proc.stdout == ""
+
+
+def test_report_of_binary_junk_counts_the_lines_it_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "junk.jsonl"
+    lines = [b"\xff" + JUNK.replace(b"\n", b"").replace(b"\r", b"")[i:] for i in range(5)]
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    proc = run_tool("report", str(log), "--html", str(tmp_path / "r.html"))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == ("no counter events in the log (0 SA/policy changes)\n"
+                           "(5 lines of the log were not xfrmtrace JSON and were skipped)\n")
+    assert "0 errors in 0 distinct streams" in (tmp_path / "r.html").read_text()
+
+
+def test_report_skips_lines_that_only_look_like_xfrmtrace_json(tmp_path: Path) -> None:
+    """Right ``type``, wrong field types: skipped and counted, not an internal error."""
+    good = {"time": "2026-11-28T14:47:49.123456789Z", "type": "xfrm_error",
+            "counter": "XfrmInNoStates", "netns": 4026532999, "src": "10.9.0.1",
+            "dst": "10.9.0.2", "encap": "esp", "spi": 4096, "mark": 3328,
+            "function": "xfrm_input", "offset": 1385}
+    bad: list[dict[str, object]] = [
+        {"spi": "0x1000"}, {"mark": [1]}, {"offset": "0x569"}, {"time": "yesterday"},
+        {"src": {"ip": 1}}, {"explain": "because"}, {"explain": {"details": [1]}},
+        {"counter": None}]
+    changes = [{"type": "sa", "time": good["time"], "netns": 1, "sa": {"spi": "x"}},
+               {"type": "policy", "time": good["time"], "netns": 1, "policy": {"selector": 5}},
+               {"type": "sa", "time": 5, "netns": 1}]
+    log = tmp_path / "trace.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in
+                             [good, *({**good, **b} for b in bad), *changes]) + "\n")
+    for output in ("text", "json"):
+        proc = run_tool("report", str(log), "--output", output, "--html",
+                        str(tmp_path / "r.html"))
+        assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    data = json.loads(proc.stdout)
+    assert [g["count"] for g in data["groups"]] == [1]
+    assert data["skipped_lines"] == len(bad) + len(changes) and data["changes"] == 0
+
+
+def test_unknown_filter_counter_is_one_line_naming_the_known_ones() -> None:
+    """``trace --filter-counter`` stops at the kernel check on this machine, so the check
+    itself is run here."""
+    from xfrmtrace.cli import _counter_filter
+    from xfrmtrace.errors import InputError
+
+    counters = {2: "XfrmInNoStates", 1: "XfrmInError"}
+    assert _counter_filter(" xfrminnostates, ,XfrmInError", counters) == {1, 2}
+    with pytest.raises(InputError) as err:
+        _counter_filter("XfrmInNoStates,XfrmInBogus", counters)
+    assert str(err.value) == ("unknown counter 'XfrmInBogus'; this kernel has: XfrmInError, "
+                              "XfrmInNoStates")

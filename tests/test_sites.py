@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from xfrmtrace.kallsyms import Kallsyms
-from xfrmtrace.sitecache import SiteCache
+from xfrmtrace import discovery
+from xfrmtrace.kallsyms import VMLINUX, Kallsyms
+from xfrmtrace.sitecache import FORMAT, SiteCache
 from xfrmtrace.sites import DOUBTFUL, OTHER, XFRM, SiteResolver
 
 BASE = 0xFFFFFFFF81000000
@@ -262,3 +266,180 @@ f1:
     result = a.resolve()
     assert [e.classification for e in result.audit] == [XFRM, DOUBTFUL, OTHER]
     assert "entry" in result.audit[1].reason  # rcx: an argument, provenance unknown
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64])
+def test_chunked_scan_finds_every_increment_once(asm, monkeypatch, chunk):
+    """Core text is scanned in overlapping chunks: increments across a chunk boundary are
+    found once, whatever the chunk size."""
+    import xfrmtrace.sites as sites_module
+
+    text = """
+f1:
+  mov rax, qword ptr [rdi + 0x1b0]
+  inc qword ptr gs:[rax + 0x20]
+  inc qword ptr gs:[rcx + 0x20]
+  add qword ptr gs:[rax + 0x8], 2
+  inc qword ptr gs:[rax + 0x28]
+  ret
+"""
+    whole = [(e.address, e.classification) for e in asm(text).resolve().audit]
+    monkeypatch.setattr(sites_module, "_SCAN_CHUNK", chunk)
+    assert [(e.address, e.classification) for e in asm(text).resolve().audit] == whole
+    assert len(whole) == 4
+
+
+# --- site cache robustness: every bad cache file is detected, resolved again and rewritten ---
+
+CACHED_TEXT = """
+f1:
+  push rbx
+  mov rax, qword ptr [rdi + 0x1b0]
+  inc qword ptr gs:[rax + 0x20]
+  pop rbx
+  ret
+f2:
+  mov rax, qword ptr [rdi + 0x1b0]
+  add qword ptr gs:[rax + 0x10], 1
+  inc qword ptr gs:[rcx + 0x20]
+  ret
+"""
+BUILD_ID = "5eedc0de"
+
+
+@pytest.fixture
+def live(asm, monkeypatch):
+    """The assembled text seen as a running kernel whose build id is BUILD_ID."""
+    a = asm(CACHED_TEXT)
+    monkeypatch.setattr(discovery, "kernel_build_id", lambda: BUILD_ID)
+    return SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read), live=True,
+                           model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS))
+
+
+def _resolve(view, cache_dir: Path):
+    return discovery.resolve_sites(view, [VMLINUX], SiteCache(cache_dir))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _edit(field: str, value: object, kind: str = "sites"):
+    def edit(data: dict) -> dict:
+        data[kind][0][field] = value
+        return data
+    return edit
+
+
+def _as_text(edit):
+    return lambda text: json.dumps(edit(json.loads(text)))
+
+
+BAD_CACHES = {
+    # damaged files
+    "truncated": (lambda text: text[:len(text) // 2], "Unterminated"),
+    "empty": (lambda text: "", "Expecting value"),
+    "random bytes": (b"\xff" + random.Random(6).randbytes(300), "utf-8"),
+    "nul bytes": (b"\0" * 64, "Expecting value"),
+    "nested too deeply": (lambda text: "[" * 200_000, "recursion"),
+    # valid JSON of the wrong shape
+    "a list": (lambda text: "[]", "a JSON list, not an object"),
+    "a number": (lambda text: "42", "a JSON int, not an object"),
+    "null": (lambda text: "null", "a JSON NoneType, not an object"),
+    "no sites": (_as_text(lambda d: {k: v for k, v in d.items() if k != "sites"}), "sites"),
+    "sites not a list": (_as_text(lambda d: {**d, "sites": 5}), "not iterable"),
+    "site not an object": (_as_text(lambda d: {**d, "sites": ["f1"]}), "string indices"),
+    "site without offset": (_as_text(lambda d: {**d, "sites": [
+        {k: v for k, v in d["sites"][0].items() if k != "offset"}]}), "offset"),
+    "site with an unknown field": (_as_text(_edit("colour", "red")), "colour"),
+    "offset not a number": (_as_text(_edit("offset", "eight")), "eight"),
+    "offset infinite": (lambda text: text.replace('"offset": 8', '"offset": Infinity', 1),
+                        "infinity"),
+    # another format or object
+    "older format": (_as_text(lambda d: {**d, "format": FORMAT - 1}), "format or object"),
+    "newer format": (_as_text(lambda d: {**d, "format": FORMAT + 1}), "format or object"),
+    "no format": (_as_text(lambda d: {k: v for k, v in d.items() if k != "format"}),
+                  "format or object"),
+    "another object": (_as_text(lambda d: {**d, "object": "esp4"}), "format or object"),
+    # foreign: written from another kernel's text under this build id
+    "instruction differs": (_as_text(_edit("instruction", "inc qword ptr gs:[rax + 0x28]")),
+                            "differs from the cached one"),
+    "mid-instruction offset": (_as_text(_edit("offset", 3)), "differs from the cached one"),
+    "function not in kallsyms": (_as_text(_edit("function", "f9")),
+                                 "function f9 is not in kallsyms"),
+    # records outside their function
+    "site past its function": (_as_text(_edit("offset", 0x40)), "outside that function"),
+    "site before its function": (_as_text(_edit("offset", -1)), "outside that function"),
+    "audit entry outside": (_as_text(_edit("offset", 0x1000, "audit")),
+                            "outside that function"),
+}
+
+
+@pytest.mark.parametrize("damage, reason", BAD_CACHES.values(), ids=list(BAD_CACHES))
+def test_bad_site_cache_is_detected_resolved_again_and_rewritten(live, tmp_path, caplog,
+                                                                 damage, reason) -> None:
+    cache_dir = tmp_path / "cache"
+    fresh = _resolve(live, cache_dir)
+    assert [s.function for s in fresh.sites] == ["f1", "f2"] and len(fresh.audit) == 3
+    path = cache_dir / f"vmlinux-{BUILD_ID}.json"
+    written = path.read_text()
+    assert '"offset": 8' in written  # f1's site, which the edits above rely on
+    if isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        path.write_text(damage(written))
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="xfrmtrace")
+    again = _resolve(live, cache_dir)
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"site cache {path} is unusable (")
+    assert reason.lower() in warning.lower() and warning.endswith("): resolving again")
+    assert again == fresh
+    assert any(m.startswith("vmlinux: 2 sites resolved") for m in caplog.messages)
+    # Rewritten: the same valid file as the first time, used as it is from now on.
+    assert json.loads(path.read_text()) == json.loads(written)
+    caplog.clear()
+    assert _resolve(live, cache_dir) == fresh
+    assert _warnings(caplog) == []
+    assert any(m.startswith("vmlinux: 2 sites from cache") for m in caplog.messages)
+
+
+def test_cache_of_another_build_is_left_alone(live, tmp_path, caplog) -> None:
+    cache_dir = tmp_path / "cache"
+    fresh = _resolve(live, cache_dir)
+    ours = cache_dir / f"vmlinux-{BUILD_ID}.json"
+    other = cache_dir / "vmlinux-0badbeef.json"
+    ours.rename(other)
+    other.write_text(other.read_text().replace('"offset": 8', '"offset": 3', 1))
+    foreign = other.read_text()
+    caplog.clear()
+    assert _resolve(live, cache_dir) == fresh
+    assert _warnings(caplog) == []  # not ours: never read
+    assert other.read_text() == foreign and json.loads(ours.read_text())["format"] == FORMAT
+
+
+def _immutable(path: Path) -> bool:
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", "+i", path], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("how", ["a regular file", "an immutable directory"])
+def test_unwritable_cache_directory_costs_one_warning(live, tmp_path, caplog, how) -> None:
+    cache_dir = tmp_path / "cache"
+    if how == "a regular file":
+        cache_dir.write_text("not a directory")
+    else:
+        cache_dir.mkdir()
+        if not _immutable(cache_dir):
+            pytest.skip("chattr +i not possible here (needs root and ext2/3/4, xfs, btrfs)")
+    try:
+        for _run in range(2):  # the next run has no cache either, and says so again
+            caplog.clear()
+            result = _resolve(live, cache_dir)
+            assert [s.function for s in result.sites] == ["f1", "f2"]
+            (warning,) = _warnings(caplog)
+            assert warning.startswith(f"cannot write site cache {cache_dir}/vmlinux-")
+    finally:
+        if how != "a regular file":
+            subprocess.run(["chattr", "-i", cache_dir], check=True)

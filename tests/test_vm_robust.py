@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,11 @@ def test_overflow_keeps_counts_exact_and_reports_the_loss(robust: dict) -> None:
     first, second = run["first"], run["second"]
     moved_first, moved_second = first["proc"][COUNTER], second["proc"][COUNTER]
     assert moved_first == robust["burst"], first["proc"]
-    assert _per_netns(summary, COUNTER, first["inode_b"]) == moved_first
+    # The second lab's namespace may get the inode of the first, deleted one (it does on
+    # 6.1): the kernel's per-inode count then holds both.
+    reused = second["inode_b"] == first["inode_b"]
+    assert _per_netns(summary, COUNTER, first["inode_b"]) == moved_first + (
+        moved_second if reused else 0)
     assert summary["counters"][COUNTER] == moved_first + moved_second
     # The ring overflowed: most of the burst was lost, and every increment is either an
     # event or counted as lost (no filter, no rate limit).
@@ -82,12 +87,18 @@ def test_overflow_keeps_counts_exact_and_reports_the_loss(robust: dict) -> None:
 
 def test_namespaces_and_modules_churn_without_stale_names(robust: dict) -> None:
     run = robust["overflow"]
-    assert run["rmmod"] == {"esp4": "", "esp6": ""}, run["rmmod"]
+    assert run["rmmod"] == "", run["rmmod"]
     assert run["unloaded_seen"] is not None and run["reloaded_seen"] is not None, run["stderr"]
-    second = run["second"]
-    mine = [e for e in run["events"] if e["netns"] == second["inode_b"]]
-    assert len(mine) == second["proc"][COUNTER] > 0
-    assert {e["netns_name"] for e in mine} == {second["ns_b"]}
+    first, second = run["first"], run["second"]
+    # Each event is named after the namespace that had its inode when it was decoded: the
+    # burst's after the first lab's B, the new lab's after its own B, even when the new
+    # namespace got the deleted one's inode (it does on 6.1).
+    names = Counter(e["netns_name"] for e in run["events"]
+                    if e["netns"] in (first["inode_b"], second["inode_b"]))
+    moved_second = second["proc"][COUNTER]
+    assert names == {first["ns_b"]: run["summary"]["events"] - moved_second,
+                     second["ns_b"]: moved_second}, names
+    assert moved_second == 5
     assert "Traceback" not in run["stderr"]
     assert run["leftovers"] == NOTHING_LEFT
 

@@ -9,6 +9,8 @@ changes of that namespace that concern it.
 from __future__ import annotations
 
 import json
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TextIO, Union
@@ -57,10 +59,53 @@ def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 yield {"type": None}
                 continue
             yield record if isinstance(record, dict) else {"type": None}
+
+
+_TEXT = (str, type(None))
+_INT = (int, type(None))
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+# The fields the report reads, with the types the tool writes them with.
+_EVENT_TYPES = {"netns": _INT, "counter": str, "netns_name": _TEXT, "src": _TEXT,
+                "dst": _TEXT, "encap": _TEXT, "proto": _TEXT, "spi": _INT, "mark": _INT,
+                "function": _TEXT, "offset": _INT, "explain": (dict, type(None))}
+_CHANGE_TYPES = {"netns": _INT, "sa": (dict, type(None)), "policy": (dict, type(None))}
+
+
+def _is_time(value: Any) -> bool:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        return False
+    try:
+        time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return True
+
+
+def _has_types(record: dict[str, Any], types: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(key), kinds) for key, kinds in types.items())
+
+
+def _well_formed(record: dict[str, Any], kind: str) -> bool:
+    """True when every field the report reads has the type xfrmtrace writes it with, so a
+    line that only looks like ours is skipped (and counted) instead of failing the report."""
+    if not _is_time(record.get("time")):
+        return False
+    if kind == "xfrm_error":
+        explain = record.get("explain") or {}
+        details = explain.get("details") if isinstance(explain, dict) else None
+        return (_has_types(record, _EVENT_TYPES) and isinstance(explain.get("summary"), _TEXT)
+                and isinstance(details, (list, type(None)))
+                and all(isinstance(d, str) for d in details or ()))
+    sa, policy = record.get("sa") or {}, record.get("policy") or {}
+    selector = policy.get("selector") if isinstance(policy, dict) else None
+    return (_has_types(record, _CHANGE_TYPES)
+            and _has_types(sa, {"spi": _INT, "dst": _TEXT})
+            and isinstance(selector, (dict, type(None)))
+            and _has_types(selector or {}, {"dst": _TEXT}))
 
 
 def _stream(event: dict[str, Any]) -> str:
@@ -96,7 +141,9 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
     skipped = 0
     for record in records:
         kind = record.get("type")
-        if kind in ("sa", "policy"):
+        if kind in ("sa", "policy", "xfrm_error") and not _well_formed(record, kind):
+            skipped += 1
+        elif kind in ("sa", "policy"):
             changes.append(record)
         elif kind == "xfrm_error":
             key = (record.get("netns"), record.get("counter"), record.get("src"),
@@ -112,11 +159,11 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
             group.count += 1
             group.last = str(record.get("time"))
             times.append((group.counter, group.last))
-            site = f"{record.get('function')}+{record.get('offset', 0):#x}"
+            site = f"{record.get('function')}+{record.get('offset') or 0:#x}"
             group.sites[site] = group.sites.get(site, 0) + 1
             if record.get("explain"):
                 group.explain = record["explain"]
-        elif kind != "summary":
+        elif kind not in ("summary", "tc"):  # tc changes are not part of the report
             skipped += 1
     for group in groups.values():
         related = [c for c in changes if c.get("netns") == group.netns
@@ -131,7 +178,7 @@ def _change_line(change: dict[str, Any]) -> str:
     what = "SA" if change.get("type") == "sa" else "policy"
     sa, policy = change.get("sa"), change.get("policy")
     if sa:
-        body = (f"{sa.get('proto')} spi {sa.get('spi', 0):#x} {sa.get('src')} -> "
+        body = (f"{sa.get('proto')} spi {sa.get('spi') or 0:#x} {sa.get('src')} -> "
                 f"{sa.get('dst')} reqid {sa.get('reqid')}")
     elif policy:
         sel = policy.get("selector") or {}

@@ -86,15 +86,17 @@ class SiteCache:
         path = self._path(obj, build_id)
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
             if data.get("format") != FORMAT or data.get("object") != obj:
                 raise ValueError("format or object mismatch")
             result = Resolution(
                 sites=[self._site(obj, s, view) for s in data["sites"]],
                 audit=[self._audit(obj, a, view) for a in data["audit"]],
             )
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the directory's problem: see store()
             return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
             log.warning("site cache %s is unusable (%s): resolving again", path, err)
             return None
         return result

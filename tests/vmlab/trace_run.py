@@ -99,11 +99,12 @@ class Tool:
             time.sleep(0.2)
         return self.ready_file.exists()
 
-    def wait_for_status(self, text: str, timeout: float = MODULE_TIMEOUT) -> Optional[float]:
-        """Seconds until ``text`` appeared on the tool's stderr, or None."""
+    def wait_for_status(self, text: str, timeout: float = MODULE_TIMEOUT,
+                        times: int = 1) -> Optional[float]:
+        """Seconds until ``text`` appeared ``times`` times on the tool's stderr, or None."""
         started = time.monotonic()
         while time.monotonic() - started < timeout and self.proc.poll() is None:
-            if text in self.stderr_path.read_text():
+            if self.stderr_path.read_text().count(text) >= times:
                 return round(time.monotonic() - started, 2)
             time.sleep(0.1)
         return None

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Iterator, Optional
+from typing import Any, Container, Iterator, Optional
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 
@@ -33,7 +33,8 @@ _RCVBUF = 4 << 20
 
 def split_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(type, message bytes) for each whole netlink message in a datagram; stops at the
-    first one whose length field does not fit."""
+    first one whose length field does not fit, or at trailing bytes too short for a header
+    (with a warning either way)."""
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, mtype, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
@@ -43,6 +44,19 @@ def split_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
             return
         yield mtype, data[offset:offset + length]
         offset += (length + 3) & ~3
+    if offset < len(data):
+        log.warning("netlink: %d bytes at offset %d of a %d-byte datagram are too short "
+                    "for a message header; ignoring them", len(data) - offset, offset, len(data))
+
+
+def decode_attributes(msg: Any, names: Optional[Container[str]] = None) -> None:
+    """Decode the attributes of ``msg`` (those named in ``names``, default all) now, so a
+    cut or odd one raises here.  Not through ``slot.nla``: that logs pyroute2's traceback
+    and hands back an attribute whose fields all read as 0 (an algorithm name 0, say)."""
+    for slot in msg.get("attrs", ()):
+        attr = slot.cell[1]
+        if (names is None or slot.name in names) and not attr.decoded:
+            attr.decode()
 
 
 def parse(data: bytes) -> Iterator[Any]:
@@ -54,8 +68,7 @@ def parse(data: bytes) -> Iterator[Any]:
         try:
             msg = next(iter(marshal.parse(raw)), None)
             if msg is not None:
-                for slot in msg.get("attrs", ()):
-                    slot.nla  # decode now, so errors surface here  # noqa: B018
+                decode_attributes(msg)
                 yield msg
         except Exception as err:  # noqa: BLE001 - one odd message must not stop the trace
             log.warning("netlink: cannot decode XFRM message type %#x (%d bytes): %s",

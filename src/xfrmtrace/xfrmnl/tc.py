@@ -23,7 +23,7 @@ from pyroute2.netlink.rtnl import (
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.socket import NetlinkSubscriber, split_messages
+from xfrmtrace.xfrmnl.socket import NetlinkSubscriber, decode_attributes, split_messages
 
 log = logging.getLogger("xfrmtrace.xfrmnl")
 
@@ -45,10 +45,13 @@ def tc_change_from(msg: Any, netns: int, monotonic_ns: int) -> Optional[XfrmChan
     if what_action is None:
         return None
     what, action = what_action
+    kind = msg.get_attr("TCA_KIND")
+    if isinstance(kind, bytes):  # pyroute2 leaves a name that is not UTF-8 as bytes
+        kind = kind.decode("utf-8", "replace")
     detail: dict[str, Any] = {
         "object": what,
         "ifindex": msg["index"],
-        "kind": msg.get_attr("TCA_KIND"),
+        "kind": kind,
         "parent": _handle(msg["parent"]),
         "handle": _handle(msg["handle"]),
     }
@@ -66,7 +69,9 @@ def parse_tc(data: bytes) -> list[Any]:
         if mtype not in TC_MESSAGES:
             continue
         try:
-            messages.extend(marshal.parse(raw))
+            for msg in marshal.parse(raw):
+                decode_attributes(msg, ("TCA_KIND",))  # the one tc_change_from reads
+                messages.append(msg)
         except Exception as err:  # noqa: BLE001 - one odd message must not stop the trace
             log.warning("netlink: cannot decode tc message type %d: %s", mtype, err)
     return messages
