@@ -8,6 +8,7 @@ SAs cannot be added here).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,12 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.vmlab import record_netlink
 from xfrmtrace.events import XfrmErrorEvent
 from xfrmtrace.explain import explain
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
+from xfrmtrace.xfrmnl import database
 from xfrmtrace.xfrmnl.changes import XfrmChange, change_from
 from xfrmtrace.xfrmnl.database import XfrmDatabase
 from xfrmtrace.xfrmnl.socket import parse, split_messages
@@ -111,6 +115,31 @@ def test_database_follows_adds_updates_deletes_and_flushes() -> None:
     assert not state.sas and not state.policies
     assert db.last_change(NETNS, lambda c: c.action == "deleted" and c.kind == "sa").sa.spi \
         == 0x1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["added", "deleted", "expired-hard", "expired-soft"]),
+                          st.integers(1, 4), st.sampled_from(["10.0.0.1", "10.0.0.2"])),
+                max_size=40))
+def test_removal_index_answers_like_a_history_scan(ops: list) -> None:
+    """last_removal (an index by SPI, kept in step with the bounded history) finds what a
+    scan of the history would, also once old changes fell out of it."""
+    sa_fields = next(c.sa for c in changes("sa-add-aead"))
+    db = XfrmDatabase()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(database, "HISTORY", 8)
+        for n, (action, spi, dst) in enumerate(ops):
+            sa = dataclasses.replace(sa_fields, spi=spi, dst=dst)
+            kind, _, hardness = action.partition("-")
+            db.apply(XfrmChange(kind="sa", action=kind, netns=NETNS, monotonic_ns=n, sa=sa,
+                                hard=(hardness == "hard") if hardness else None))
+    for spi in range(1, 5):
+        for dst in ("10.0.0.1", "10.0.0.2"):
+            def same(sa, spi=spi, dst=dst):
+                return sa.spi == spi and sa.dst == dst
+            scanned = db.last_change(NETNS, lambda c, same=same: database.sa_removed(c)
+                                     and same(c.sa))
+            assert db.last_removal(NETNS, spi, same) is scanned
 
 
 def _all_output(show_keys: bool) -> str:

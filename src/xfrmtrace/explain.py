@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from xfrmtrace.events import XfrmErrorEvent
 from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.database import NamespaceState, XfrmDatabase
+from xfrmtrace.xfrmnl.database import NamespaceState, XfrmDatabase, sa_removed
 from xfrmtrace.xfrmnl.model import SA, Policy, Selector, Template
 
 MAX_LISTED = 3
@@ -102,8 +102,7 @@ def _ago(change: XfrmChange, event: XfrmErrorEvent) -> str:
 
 
 def _sa_gone(change: XfrmChange, match: Callable[[SA], bool]) -> bool:
-    return change.kind == "sa" and change.sa is not None and match(change.sa) and (
-        change.action == "deleted" or (change.action == "expired" and bool(change.hard)))
+    return sa_removed(change) and change.sa is not None and match(change.sa)
 
 
 def _sa_added(change: XfrmChange) -> bool:
@@ -128,7 +127,7 @@ def _in_no_states(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState
         return Explanation(f"SA spi {sa.spi:#x} dst {sa.dst} exists now: it was installed "
                            "after this packet arrived, or matches on if_id/direction",
                            sas=present)
-    gone = db.last_change(event.netns, lambda c: _sa_gone(c, same))
+    gone = db.last_removal(event.netns, event.spi, same)
     if gone is None:
         others = [sa for sa in state.sas.values() if _same_addr(sa.dst, event.dst)]
         exp = Explanation(
@@ -248,7 +247,7 @@ def _by_spi(describe: Callable[[SA, XfrmErrorEvent], str]) -> Callable[..., Expl
         same = _same_sa(event)
         found = [sa for sa in state.sas.values() if same(sa)]
         if not found:
-            gone = db.last_change(event.netns, lambda c: _sa_gone(c, same))
+            gone = db.last_removal(event.netns, event.spi, same)
             if gone is not None and gone.sa is not None:
                 return Explanation(describe(gone.sa, event) + f" (SA {gone.action} "
                                    f"{_ago(gone, event)})", sas=[gone.sa], history=[gone])

@@ -20,6 +20,15 @@ class NamespaceState:
     policies: dict[tuple, Policy] = field(default_factory=dict)
     history: deque[XfrmChange] = field(default_factory=lambda: deque(maxlen=HISTORY))
     since_ns: int = 0  # monotonic time of the snapshot this state starts from
+    # The SA removals still in ``history``, by SPI, oldest first: an error storm with one
+    # SPI (or many) asks "was this SA removed?" per packet, and must not scan the history.
+    removals: dict[int, deque[XfrmChange]] = field(default_factory=dict)
+
+
+def sa_removed(change: XfrmChange) -> bool:
+    """A change that took an SA out of the SAD: deleted, or expired hard."""
+    return change.kind == "sa" and change.sa is not None and (
+        change.action == "deleted" or (change.action == "expired" and bool(change.hard)))
 
 
 class XfrmDatabase:
@@ -44,7 +53,12 @@ class XfrmDatabase:
 
     def apply(self, change: XfrmChange) -> None:
         state = self._spaces.setdefault(change.netns, NamespaceState(since_ns=change.monotonic_ns))
+        if len(state.history) == state.history.maxlen:
+            _forget_removal(state, state.history[0])  # about to fall out of the history
         state.history.append(change)
+        if sa_removed(change):
+            assert change.sa is not None
+            state.removals.setdefault(change.sa.spi, deque()).append(change)
         if change.kind not in ("sa", "policy"):
             return  # tc changes are history only
         table: dict[tuple, Any] = state.sas if change.kind == "sa" else state.policies
@@ -70,9 +84,36 @@ class XfrmDatabase:
                 return change
         return None
 
+    def last_removal(self, netns: int, spi: int,
+                     match: Callable[[SA], bool]) -> Optional[XfrmChange]:
+        """The most recent remembered removal of an SA with ``spi`` that ``match`` accepts."""
+        state = self._spaces.get(netns)
+        if state is None:
+            return None
+        for change in reversed(state.removals.get(spi, ())):
+            if change.sa is not None and match(change.sa):
+                return change
+        return None
+
     def changes_after(self, netns: int, after_ns: int,
                       match: Callable[[XfrmChange], bool]) -> list[XfrmChange]:
+        """Remembered changes newer than ``after_ns`` that ``match`` accepts, oldest first."""
         state = self._spaces.get(netns)
         if state is None:
             return []
-        return [c for c in state.history if c.monotonic_ns > after_ns and match(c)]
+        newer = []
+        for change in reversed(state.history):  # in arrival order: stop at the first older
+            if change.monotonic_ns <= after_ns:
+                break
+            if match(change):
+                newer.append(change)
+        return newer[::-1]
+
+
+def _forget_removal(state: NamespaceState, change: XfrmChange) -> None:
+    if sa_removed(change) and change.sa is not None:
+        removals = state.removals.get(change.sa.spi)
+        if removals and removals[0] is change:
+            removals.popleft()
+            if not removals:
+                del state.removals[change.sa.spi]
