@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
-	chromium-headless-shell mmdebstrap
+	chromium-headless-shell mmdebstrap etcd-server golang-1.19-go dpkg-dev patch
 
 .PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint dist image helm clean
 all: venv bpf
