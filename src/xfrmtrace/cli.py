@@ -11,10 +11,14 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Optional, Sequence, TextIO
 
 from xfrmtrace import __version__
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+
+if TYPE_CHECKING:  # imported when used: `--help` must not load the tracing stack
+    from xfrmtrace.metrics import MetricsServer
+    from xfrmtrace.output.pcapng import PcapngWriter
 
 COMMANDS = ("trace", "sites", "report")
 EXIT_ERROR = 1
@@ -331,7 +335,7 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
         if args.output_pcap:
             from xfrmtrace.output.pcapng import PcapngWriter
 
-            pcap = PcapngWriter(cleanup.enter_context(_open_output(args.output_pcap, "wb")))
+            pcap = PcapngWriter(cleanup.enter_context(_open_output(args.output_pcap)))
         if args.output_file:
             from xfrmtrace.output.rotating import RotatingFile
 
@@ -345,15 +349,15 @@ def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
         return _trace(args, out, status_stream, pcap, metrics)
 
 
-def _open_output(path: Path, mode: str):  # -> BinaryIO
+def _open_output(path: Path) -> BinaryIO:
     try:
-        return open(path, mode)
+        return open(path, "wb")
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror}") from None
 
 
 def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
-           pcap, metrics) -> int:  # pcap: Optional[PcapngWriter], metrics: Optional[MetricsServer]
+           pcap: Optional[PcapngWriter], metrics: Optional[MetricsServer]) -> int:
     from xfrmtrace import discovery
     from xfrmtrace.modules import ModuleWatcher
     from xfrmtrace.output import summary as summary_out
