@@ -199,26 +199,29 @@ def test_unreadable_or_junk_input_gives_one_line(tmp_path: Path, name: str) -> N
     assert proc.stderr.startswith("xfrmtrace: error: ")
 
 
-UNPRIVILEGED = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+# Root without the capabilities that bypass file permissions: the owner's mode bits apply,
+# and the checkout (wherever CI cloned it, readable by root only, say) stays importable.
+UNPRIVILEGED = ("setpriv", "--inh-caps=-all",
+                "--bounding-set=-dac_override,-dac_read_search", "--")
 
 
 @pytest.fixture
 def shared_dir():
-    """A directory nobody (uid 65534) can enter but not write; removed afterwards."""
+    """A directory made read-only (mode 555) by the test; removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix="xfrmtrace-cli-"))
-    path.chmod(0o755)
     yield path
+    path.chmod(0o755)
     shutil.rmtree(path)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop its capabilities")
 @pytest.mark.parametrize("name", ["report", "report --html", "sites --vmlinux",
                                   "sites --kallsyms"])
 def test_file_without_permission_gives_one_line(shared_dir: Path, name: str) -> None:
     secret, public = shared_dir / "secret", shared_dir / "public.jsonl"
     secret.write_text('{"type": "summary"}\n')
-    secret.chmod(0o600)
+    secret.chmod(0o000)
     public.write_text('{"type": "summary"}\n')
     public.chmod(0o644)
     if name.startswith("sites"):
@@ -230,6 +233,7 @@ def test_file_without_permission_gives_one_line(shared_dir: Path, name: str) -> 
         "sites --vmlinux": ["sites", "--vmlinux", secret, "--kallsyms", public],
         "sites --kallsyms": ["sites", "--vmlinux", shared_dir / "vmlinux", "--kallsyms", secret],
     }[name]
+    shared_dir.chmod(0o555)  # nothing can be created in it
     proc = run_tool(*map(str, args), prefix=UNPRIVILEGED)
     word = "cannot write" if name == "report --html" else "cannot read"
     assert_one_line_error(proc, "xfrmtrace: error: ", word, "Permission denied")
