@@ -145,11 +145,6 @@ def build_root(spec: LaunchSpec) -> None:
             os.symlink(os.readlink(path), _at(path))
         elif os.path.isdir(path):
             _bind(path, _at(path), read_only=True)
-    _bind(str(REPO), _at(str(REPO)), read_only=True)  # the package and its venv
-    if not sys.base_prefix.startswith("/usr"):  # the venv's interpreter, e.g. under pyenv
-        _bind(sys.base_prefix, _at(sys.base_prefix), read_only=True)
-    if os.path.isdir(CAPSTONE_COPY):
-        _bind(CAPSTONE_COPY, _at(CAPSTONE_IN_POD), read_only=True)
     _bind("/dev", _at("/dev"), read_only=False, recursive=True)
     _at("/proc").mkdir()
     _mount("-t", "proc", "proc", str(_at("/proc")))
@@ -164,6 +159,13 @@ def build_root(spec: LaunchSpec) -> None:
         writable = mount.create and not mount.read_only
         source = str(node_dir(mount.host_path)) if writable else mount.host_path
         _bind(source, target, mount.read_only, recursive=True)
+    # The package and its venv come last: the checkout may live under a path the chart
+    # mounts over (a clone in /tmp, where the chart puts an emptyDir).
+    _bind(str(REPO), _at(str(REPO)), read_only=True)
+    if not sys.base_prefix.startswith("/usr"):  # the venv's interpreter, e.g. under pyenv
+        _bind(sys.base_prefix, _at(sys.base_prefix), read_only=True)
+    if os.path.isdir(CAPSTONE_COPY):
+        _bind(CAPSTONE_COPY, _at(CAPSTONE_IN_POD), read_only=True)
     if spec.read_only_root:
         _mount("-o", "remount,ro", str(ROOT))
 
