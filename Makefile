@@ -11,6 +11,9 @@ BPF_OBJ := src/xfrmtrace/bpf/xfrm.bpf.o
 # "all" is the whole matrix; e.g. KERNEL=6.12 or KERNEL=5.10,sid for a subset.
 KERNEL ?= all
 DEMO_KERNEL ?= 6.1
+# Kernel series for `make bench` (one VM boot; bench/run.py).
+BENCH_KERNEL ?= 6.12
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 # Debian packages: build (clang, llvm, libbpf), run (libbpf1), VM lab (qemu,
@@ -24,7 +27,12 @@ DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
 	chromium-headless-shell mmdebstrap etcd-server golang-1.19-go dpkg-dev patch
 
-.PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint dist image helm clean
+# Only for `make bench` (not part of `make test`): iperf3 (hot path), trafgen from
+# netsniff-ng (error storm), bpftrace (start-up comparison), zstd (vmlinux for the resolver).
+BENCH_DEB_PACKAGES := iperf3 netsniff-ng bpftrace zstd
+
+.PHONY: all deps bpf venv test test-unit test-kernels test-vm demo sites lint dist image helm clean \
+	bench bench-deps
 all: venv bpf
 
 deps: .deps.stamp
@@ -35,6 +43,18 @@ deps: .deps.stamp
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install:" $$missing >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+bench-deps: .bench-deps.stamp
+.bench-deps.stamp: Makefile | deps
+	@missing=$$(for p in $(BENCH_DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "make bench-deps: run as root to install:" $$missing >&2; exit 1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@touch $@
@@ -68,6 +88,10 @@ test-vm: test-kernels
 
 demo: all
 	$(PY) -m tests.vmlab.demo --kernel $(DEMO_KERNEL)
+
+# Benchmarks in the VM lab (about 25 minutes): results in bench/RESULTS.md.
+bench: all bench-deps
+	$(PY) -m bench.run --kernel $(BENCH_KERNEL) $(BENCH_ARGS)
 
 sites: all
 	sudo $(VENV)/bin/xfrmtrace sites
@@ -145,4 +169,4 @@ image:
 	esac
 
 clean:
-	rm -rf $(VENV) $(BPF_OBJ) .deps.stamp build dist *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(BPF_OBJ) .deps.stamp .bench-deps.stamp build dist *.egg-info src/*.egg-info
