@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -48,16 +50,34 @@ class Kallsyms:
         self._index(symbols)
 
     def _index(self, symbols: list[tuple[int, str, str]]) -> None:
-        symbols = sorted(set(symbols))
-        self._addrs = [s[0] for s in symbols]
-        self._names = [s[1] for s in symbols]
-        self._objects = [s[2] for s in symbols]
-        self._by_name: dict[tuple[str, str], int] = {}
+        # Compact on purpose: a kernel with its modules has 100k-200k text symbols, and this
+        # table is most of the tool's memory.  Addresses in an array (8 bytes each, not an int
+        # object), object names interned, vmlinux names keyed by the name alone.
+        symbols = sorted(symbols)  # duplicates (the same line twice) are dropped below
+        unique = [s for i, s in enumerate(symbols) if i == 0 or s != symbols[i - 1]]
+        del symbols
+        self._addrs = array("Q", (s[0] for s in unique))
+        self._names = [s[1] for s in unique]
+        self._objects = [sys.intern(s[2]) for s in unique]
+        del unique
+        self._by_name: dict[str, int] = {}  # vmlinux
+        self._by_module_name: dict[tuple[str, str], int] = {}
         # Symbol indices per object, so listing one module's functions does not scan them all.
-        self._by_object: dict[str, list[int]] = {}
-        for i, (_addr, name, obj) in enumerate(symbols):
-            self._by_name.setdefault((name, obj), i)
-            self._by_object.setdefault(obj, []).append(i)
+        self._by_object: dict[str, array] = {}
+        for i, (name, obj) in enumerate(zip(self._names, self._objects)):
+            if obj == VMLINUX:
+                self._by_name.setdefault(name, i)
+            else:
+                self._by_module_name.setdefault((name, obj), i)
+            indices = self._by_object.get(obj)
+            if indices is None:
+                indices = self._by_object[obj] = array("I")
+            indices.append(i)
+
+    def _index_of(self, name: str, obj: str) -> Optional[int]:
+        if obj == VMLINUX:
+            return self._by_name.get(name)
+        return self._by_module_name.get((name, obj))
 
     # --- loading -----------------------------------------------------------
 
@@ -69,20 +89,26 @@ class Kallsyms:
         ``sysfs`` (default: /sys/module for the live file) is where module section
         addresses are read from, to drop stale init symbols (see :class:`_Sections`).
         """
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError as err:
-            raise InputError(f"cannot read {path}: {err.strerror}") from err
         if sysfs is None and Path(path).name == PROC_KALLSYMS.name:
             sysfs = SYS_MODULE  # a live kallsyms, e.g. /proc/kallsyms or /host/proc/kallsyms
-        syms = cls.parse(text, source=str(path), sysfs=sysfs)
+        try:
+            # Line by line: the whole file (several MB, more as lines) is never in memory.
+            with open(path, errors="replace") as lines:
+                syms = cls._from_lines(lines, str(path), sysfs)
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror}") from err
         syms.source_path, syms.sysfs = Path(path), sysfs
         return syms
 
     @classmethod
     def parse(cls, text: str, source: str = "kallsyms",
               sysfs: Optional[Path] = None) -> Kallsyms:
-        symbols, etext = _parse_lines(text.splitlines(), source)
+        return cls._from_lines(text.splitlines(), source, sysfs)
+
+    @classmethod
+    def _from_lines(cls, lines: Iterable[str], source: str,
+                    sysfs: Optional[Path]) -> Kallsyms:
+        symbols, etext = _parse_lines(lines, source)
         if not symbols:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
         if sysfs is not None:
@@ -126,14 +152,15 @@ class Kallsyms:
 
     def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
         """Every text symbol (of one object, if given) with its extent."""
-        indices = range(len(self._names)) if obj is None else self._by_object.get(obj, [])
+        indices: Iterable[int] = (range(len(self._names)) if obj is None
+                                  else self._by_object.get(obj, ()))
         for i in indices:
             if not self._names[i].startswith("__pfx_"):
                 yield self._function_at(i)
 
     def find(self, name: str, obj: str = VMLINUX) -> Optional[Function]:
         """The function named ``name`` in ``obj``."""
-        i = self._by_name.get((name, obj))
+        i = self._index_of(name, obj)
         return None if i is None else self._function_at(i)
 
     def lookup(self, addr: int) -> Optional[Function]:
@@ -152,7 +179,7 @@ class Kallsyms:
         return code_location(func.name, addr - func.start, func.object)
 
     def address(self, name: str, obj: str = VMLINUX) -> Optional[int]:
-        i = self._by_name.get((name, obj))
+        i = self._index_of(name, obj)
         return None if i is None else self._addrs[i]
 
     def core_text_range(self) -> tuple[int, int]:
