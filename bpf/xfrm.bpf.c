@@ -260,23 +260,39 @@ static __always_inline void count_netns(__u32 site_id, __u32 netns)
 		stat_inc(XT_STAT_NETNS_FULL);
 }
 
-static __always_inline bool rate_limited(__u32 site_id, __u64 now)
+/*
+ * Per-site rate limit, in two steps: over_rate_limit() before anything is read or
+ * reserved (an increment over the limit then costs two map lookups and takes no
+ * ring-buffer space), take_rate_slot() once the event is known to pass the filters (a
+ * filtered increment uses no slot).  The window is per CPU (site_rates is a per-CPU array).
+ */
+static __always_inline struct site_rate *site_rate(__u32 site_id, __u64 now)
 {
 	struct site_rate *r;
 
 	if (!cfg.site_rate_limit)
-		return false;
+		return NULL;
 	r = bpf_map_lookup_elem(&site_rates, &site_id);
-	if (!r)
-		return false;
-	if (now - r->window_start >= NSEC_PER_SEC) {
+	if (r && now - r->window_start >= NSEC_PER_SEC) {
 		r->window_start = now;
 		r->sent = 0;
 	}
-	if (r->sent >= cfg.site_rate_limit)
-		return true;
-	r->sent += 1;
-	return false;
+	return r;
+}
+
+static __always_inline bool over_rate_limit(__u32 site_id, __u64 now)
+{
+	struct site_rate *r = site_rate(site_id, now);
+
+	return r && r->sent >= cfg.site_rate_limit;
+}
+
+static __always_inline void take_rate_slot(__u32 site_id, __u64 now)
+{
+	struct site_rate *r = site_rate(site_id, now);
+
+	if (r)
+		r->sent += 1;
 }
 
 static __always_inline void read_skb(struct xt_event *e, struct sk_buff *skb)
@@ -448,6 +464,10 @@ int xt_site(struct pt_regs *ctx)
 	count_netns(site_id, ns.inum);
 
 	now = bpf_ktime_get_ns();
+	if (over_rate_limit(site_id, now)) {
+		stat_inc(XT_STAT_SAMPLED);
+		return 0;
+	}
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(XT_STAT_LOST);
@@ -479,11 +499,7 @@ int xt_site(struct pt_regs *ctx)
 		bpf_ringbuf_discard(e, 0);
 		return 0;
 	}
-	if (rate_limited(site_id, now)) {
-		stat_inc(XT_STAT_SAMPLED);
-		bpf_ringbuf_discard(e, 0);
-		return 0;
-	}
+	take_rate_slot(site_id, now);
 	e->cpu = bpf_get_smp_processor_id();
 	e->pid = (__u32)bpf_get_current_pid_tgid();
 	e->tgid = bpf_get_current_pid_tgid() >> 32;

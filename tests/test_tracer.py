@@ -89,3 +89,17 @@ def test_follower_notices_a_site_that_now_belongs_to_another_module(tracer: Trac
     path.write_text(before + "ffffffffc0454000 t esp6_rcv_cb\t[esp6]\n")
     syms.refresh_modules(["esp6"], path, tmp_path / "no-sysfs")
     assert follower.misplaced_objects(tracer) == {"xt_tcpudp"}
+
+
+@pytest.mark.parametrize("config", [
+    TraceConfig(site_rate_limit=100),
+    TraceConfig(site_rate_limit=1, counter_indices={2}, netns=4026531840, mark_value=0xD00,
+                mark_mask=0xF00, capture_stack=True),
+])
+def test_every_configuration_passes_the_verifier(config: TraceConfig) -> None:
+    """The configuration is read-only data: the verifier prunes what it turns off, so each
+    feature must be loaded switched on to be checked at all (rate limit, filters, stacks)."""
+    if not BPF_OBJECT.exists():
+        pytest.skip(f"{BPF_OBJECT} not built (run `make bpf`)")
+    with Tracer(config) as tracer:
+        tracer.load()

@@ -55,7 +55,10 @@ def run(request, tmp_path_factory) -> dict:
     rwdir = tmp_path_factory.mktemp(f"vm-{series}")
     out = rwdir / "trace"
     command = shlex.join([sys.executable, "-m", "tests.vmlab.trace_run", "--out", str(out),
-                          "--count", str(PACKETS), "--tool-arg=--output-stack"])
+                          "--count", str(PACKETS), "--tool-arg=--output-stack",
+                          # A limit no scenario reaches: the rate-limit path runs on every
+                          # kernel (the verifier sees it only when it is switched on).
+                          "--tool-arg=--rate-limit=100000"])
     result = vm.run_in_vm(kernel, command, rwdir=rwdir, cwd=REPO, timeout=1500,
                           env={"PYTHONDONTWRITEBYTECODE": "1"})
     assert result.ok, result.describe()

@@ -34,6 +34,9 @@ _POLL_MS = 200
 # How often /proc/modules is compared: a module's counters move unseen for at most about this
 # long (plus the time to resolve and attach its sites) after it loads.
 _MODULE_POLL_S = 0.25
+# Events decoded per drain of the ring buffer before they are written out.
+_DRAIN_BATCH = 1024
+_STOP_DRAIN = -1  # the ring buffer callback's "stop here"; the record counts as consumed
 
 
 class StopFlag(Protocol):
@@ -141,9 +144,13 @@ class TraceSession:
             symbolize=self._view.syms.symbolize,
         )
 
-    def _on_event(self, decoder: EventDecoder) -> Callable[[bytes], None]:
-        def handle(raw: bytes) -> None:
+    def _on_event(self, decoder: EventDecoder) -> Callable[[bytes], int]:
+        def handle(raw: bytes) -> int:
             self._pending.append(decoder.decode(raw))
+            # Under a storm libbpf would keep calling back for as long as records keep
+            # coming: stop after a batch, so events are written (and memory freed), and
+            # modules and netlink are followed, while it lasts.
+            return _STOP_DRAIN if len(self._pending) >= _DRAIN_BATCH else 0
         return handle
 
     def _start_xfrm_watch(self) -> Optional[XfrmWatcher]:
@@ -216,7 +223,8 @@ class TraceSession:
                     next_module_poll = time.monotonic() + _MODULE_POLL_S
             with self._lock:
                 tracer.detach()
-            tracer.drain()  # events already queued are still delivered
+            while tracer.drain() == _STOP_DRAIN:  # events already queued are still delivered
+                self._emit(watcher, [])
             self._emit(watcher, watcher.poll() if watcher else [])
             summary = self._summary(tracer, time.monotonic() - started)
         finally:

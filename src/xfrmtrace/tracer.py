@@ -215,7 +215,7 @@ class Tracer:
     def _keep(self, obj: str, link: Link) -> None:
         self._links.setdefault(obj, []).append(link)
 
-    def open_ring_buffer(self, callback: Callable[[bytes], None]) -> None:
+    def open_ring_buffer(self, callback: Callable[[bytes], Optional[int]]) -> None:
         assert self._obj is not None
         self._ring = RingBuffer(self._obj.map("events"), callback)
 
@@ -232,7 +232,8 @@ class Tracer:
         return self._ring.fileno()
 
     def drain(self) -> int:
-        """Deliver everything still in the ring buffer (after detaching)."""
+        """Deliver what is in the ring buffer now: the number of records, or the callback's
+        negative value when it asked to stop early (more may be waiting)."""
         return self._ring.consume() if self._ring is not None else 0
 
     def detach(self) -> None:
