@@ -415,10 +415,11 @@ def phase_hotpath(rounds: int, seconds: int, audit: List[Dict[str, Any]],
                         wall, idle = time.monotonic() - t0, idle_seconds() - idle0
                         run = {"round": r, "config": config, "traffic": traffic, "bps": bps,
                                "guest_idle_share": round(idle / wall / (os.cpu_count() or 1), 4)}
-                        for k, before in cpu0.items():
-                            after = cpu_seconds(procs[k] or 0)
-                            if before is not None and after is not None:
-                                run[f"{k}_cpu_share"] = round((after - before) / wall, 4)
+                        for k, cpu_before in cpu0.items():
+                            cpu_after = cpu_seconds(procs[k] or 0)
+                            if cpu_before is not None and cpu_after is not None:
+                                run[f"{k}_cpu_share"] = round((cpu_after - cpu_before) / wall,
+                                                              4)
                         result["runs"].append(run)
                         log(f"hot path round {r} {config:8s} {traffic:5s} "
                             f"{bps / 1e6:8.1f} Mbit/s")

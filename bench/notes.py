@@ -43,6 +43,25 @@ def _method(meta: Mapping[str, Any], guest: Mapping[str, Any]) -> str:
     hot = phases.get("hotpath", {})
     storm = phases.get("storm", {})
     args = meta.get("args", {})
+    runs = hot.get("runs", [])
+    rounds = hot.get("rounds", "?")
+    if any(run.get("config") == "tool-stopped" for run in runs):
+        configs_text = (
+            f"Four configurations per round, always in the order A B C D, for {rounds} "
+            "rounds: **A** no tool; **B** `xfrmtrace trace --output json` as shipped "
+            "(netlink SA/policy follower on, output to tmpfs); **C** the same process "
+            "stopped with SIGSTOP, its probes still attached: what the probes cost without "
+            "the tool's user space; **D** the same process running again, plus the *broad "
+            "probe set* of earlier tracers.")
+    else:
+        configs_text = (
+            f"Three configurations per round, always in the order A B D, for {rounds} "
+            "rounds: **A** no tool; **B** `xfrmtrace trace --output json` as shipped "
+            "(netlink SA/policy follower on, output to tmpfs); **D** the same tool process "
+            "plus the *broad probe set* of earlier tracers.")
+    cpu_text = (" During each run the tool's CPU time (`/proc/PID/stat`) and the guest's "
+                "idle time (`/proc/stat`) are sampled too."
+                if any("guest_idle_share" in run for run in runs) else "")
     return f"""## How the figures were measured
 
 All of it runs in one boot of the kernel named above, under qemu TCG with 2 vCPUs: every
@@ -54,12 +73,7 @@ ratio of configurations measured side by side in the same boot, in alternation.
    omitted warm-up second, `-O 1`) from one namespace to another over a veth pair:
    through an ESP tunnel (tunnel-mode SAs with `rfc4106(gcm(aes))`, 128-bit, and in/out
    policies in both namespaces, no marks), and over a second veth pair with no XFRM state
-   at all. Four configurations per round, always in the order A B C D, for
-   {hot.get('rounds', '?')} rounds: **A** no tool; **B** `xfrmtrace trace --output json` as
-   shipped (netlink SA/policy follower on, output to tmpfs); **C** the same process stopped
-   with SIGSTOP, its probes still attached: what the probes cost without the tool's user
-   space; **D** the same process running again, plus the *broad probe set* of earlier
-   tracers. D is built by a helper (`bench/broad.py`)
+   at all. {configs_text} D is built by a helper (`bench/broad.py`)
    that loads a second copy of the tool's own BPF object and attaches its `xt_site` program
    at every gs-relative 64-bit increment by one that the resolver classified as *not* an
    XFRM counter and whose displacement could be one (a positive multiple of 8, at most
@@ -68,9 +82,8 @@ ratio of configurations measured side by side in the same boot, in alternation.
    map, so each hit costs the kprobe plus the cheapest possible run-time filter (one hash
    lookup and a per-CPU counter) and returns: "tool + helper" has the probe set of the
    broad approach at a lower bound of its per-hit cost, which makes the comparison fair to
-   the broad approach. Each round's B, C and D are divided by that round's A; the table
-   shows the median of these per-round ratios and their range. During each run the tool's
-   CPU time (`/proc/PID/stat`) and the guest's idle time (`/proc/stat`) are sampled too.
+   the broad approach. Each round's other configurations are divided by that round's A;
+   the table shows the median of these per-round ratios and their range.{cpu_text}
 2. **Error storm.** trafgen (netsniff-ng, {storm.get('trafgen_cpus', '?')} processes, one
    per vCPU) sends 106-byte Ethernet frames
    carrying IPv4 ESP with SPI 0xdead0001, which the receiver has no SA for, from one
@@ -182,17 +195,19 @@ def _hot_findings(guest: Mapping[str, Any]) -> List[str]:
         text += "."
         if stopped and stopped["paired"]:
             probes = 1 - stopped["paired"].median
-            text += (f" With the process stopped {max(probes, 0):.1%} remains: that part is "
-                     "the probes in the kernel")
-            if probes < loss:
-                text += (f", the other {loss - max(probes, 0):.1%} comes with the tool's user "
-                         "space running")
+            if probes > loss:
+                text += (f" With the process stopped (probes only) {probes:.1%} was lost, more "
+                         "than with it running: the split between probes and user space is "
+                         "within the noise here.")
+            else:
+                text += (f" With the process stopped (probes only) {max(probes, 0):.1%} "
+                         f"remains; the other {loss - max(probes, 0):.1%} appears only with "
+                         "its user space running")
                 if tool.get("tool_cpu"):
-                    text += (f" (it took {tool['tool_cpu'].median:.1%} of a vCPU: the poll "
+                    text += (f", which took {tool['tool_cpu'].median:.1%} of a vCPU (the poll "
                              "loop wakes every 0.2 s, compares /proc/modules every 0.25 s and "
-                             "rescans /run/netns, and each wake-up is Python under TCG, on a "
-                             "guest whose vCPUs iperf3 keeps busy)")
-            text += "."
+                             "rescans /run/netns; Python under TCG)")
+                text += f" (round-to-round noise {noise:.1%})."
         text += (" TCG inflates this: a kprobe hit, the BPF program behind it and the tool's "
                  "Python are emulated too and cost far more relative to the packet path than "
                  "on real hardware, so a native machine would lose a smaller share; the probes "
@@ -261,7 +276,8 @@ def _storm_findings(guest: Mapping[str, Any], offline: Optional[Mapping[str, Any
             lines.append(
                 f"- The limit is per site **and per CPU**: one site on {cpus} CPUs sent "
                 f"{fmt(per_second)} events/s with a limit of {limit} (`site_rates` is a "
-                "per-CPU array in `bpf/xfrm.bpf.c`), so the cap grows with the CPU count.")
+                "per-CPU array in `bpf/xfrm.bpf.c`), so the cap grows with the CPU count; a "
+                "shared per-site counter would make it a cap per site.")
         if limited.get("lost"):
             lines.append(
                 f"- Even with the limit, {limited['lost']:,} events were lost: `xt_site` "
@@ -272,13 +288,13 @@ def _storm_findings(guest: Mapping[str, Any], offline: Optional[Mapping[str, Any
                 "polls of the tool.")
         if tool.get("rate") and limited.get("rate") and limited["rate"] < 1.2 * tool["rate"]:
             lines.append(
-                f"- The rate limit does not make the probe cheaper ({fmt(limited['rate'])}/s "
-                f"with it, {fmt(tool['rate'])}/s without): before the limit is checked, each "
-                "hit has already saved the registers, looked up the frame, verified the "
-                "namespace, read up to 256 bytes of the packet and reserved ring-buffer "
-                "space. Under TCG that costs about "
+                f"- The rate limit hardly makes the probe cheaper ({fmt(limited['rate'])}/s "
+                f"with it, {fmt(tool['rate'])}/s without): every increment still traps into "
+                "its kprobe and is counted exactly (registers saved, frame looked up, "
+                "namespace verified, two per-CPU maps updated) before the limit can be "
+                "checked. Against the run without the tool that costs about "
                 f"{fmt(_probe_cost_us(base.get('rate'), limited.get('rate'), storm_data))} "
-                "µs of emulated CPU per increment.")
+                "µs of emulated CPU per increment under TCG.")
     rss = [(n, r["peak_rss_mib"]) for n, r in s.items() if r.get("peak_rss_mib")]
     if rss:
         over = [n for n, v in rss if v * MIB >= report.RSS_TARGET_MIB * 1e6]
@@ -390,15 +406,12 @@ def _recommendations(guest: Mapping[str, Any], offline: Optional[Mapping[str, An
     if storm_data:
         s = report.storm(storm_data)
         limited = s.get("tool-rate-limit", {})
-        if limited.get("lost") or (limited.get("rate") and s.get("tool", {}).get("rate") and
-                                   limited["rate"] < 1.2 * s["tool"]["rate"]):
+        if limited.get("lost"):
             items.append("In `xt_site`, decide sampling before the expensive part: count "
                          "(site and namespace), then check the rate limit and the filters that "
                          "need no packet data, and only then read the packet and reserve "
-                         "ring-buffer space. Over-limit increments would then cost a few "
-                         "map operations and never take ring-buffer space (no losses under a "
-                         "limit). Make the limit global per site (a shared counter with an "
-                         "atomic add) or document it as per CPU.")
+                         "ring-buffer space, so over-limit increments never take ring-buffer "
+                         "space (no losses under a limit).")
         if s.get("tool", {}).get("output_in_storm") == 0:
             items.append("Bound each drain: consume at most N records per call (libbpf "
                          "1.3's `ring_buffer__consume_n()`, or stop from the callback) and "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -248,8 +247,6 @@ def test_bzimage_payload() -> None:
         stats.bzimage_payload(_bzimage(b"\x00\x01\x02\x03"))
 
 
-@pytest.mark.skipif(subprocess.run(["which", "xz"], capture_output=True).returncode != 0,
-                    reason="xz not installed")
 def test_extract_vmlinux_from_xz_bzimage(tmp_path) -> None:
     """A fake bzImage around an xz-compressed 'ELF' decompresses to it (size appended as
     the kernel build appends it)."""
@@ -294,10 +291,12 @@ def test_cut_kallsyms_ends_vmlinux_text_early() -> None:
 def _guest() -> dict:
     runs = []
     for r in range(3):
-        for config, factor in (("baseline", 1.0), ("tool", 0.995), ("broad", 0.9)):
+        for config, factor in (("baseline", 1.0), ("tool", 0.995), ("tool-stopped", 0.998),
+                               ("broad", 0.9)):
             for traffic, bps in (("esp", 30e6), ("plain", 500e6)):
                 runs.append({"round": r, "config": config, "traffic": traffic,
-                             "bps": bps * factor * (1 + 0.01 * r)})
+                             "bps": bps * factor * (1 + 0.01 * r), "guest_idle_share": 0.01,
+                             **({"tool_cpu_share": 0.05} if config == "tool" else {})})
     delta = {"XfrmInNoStates": 150000}
     storm_runs = {
         "baseline": {"delta": delta, "seconds": 10.0, "steady_rate": 15500.0},
@@ -317,7 +316,18 @@ def _guest() -> dict:
         "kernel": "6.12.0-test-amd64", "cpus": 2, "counters": 30, "errors": {},
         "phases": {
             "hotpath": {"runs": runs, "rounds": 3, "seconds": 5, "broad_addresses": 438,
-                        "configs": []},
+                        "configs": [{"round": 0, "kprobes_tool": 72, "kprobes_broad": 503,
+                                     "broad": {"attached": 431, "hits": 1000,
+                                               "seconds": 10.0}}],
+                        "tool_kprobes": [
+                            "ffffffff8dda53a4  k  xfrm_input+0x4    [FTRACE]",
+                            "ffffffff8dda5400  k  xfrm_input+0x569    ",
+                            "ffffffffc0a01004  k  esp_input_done2+0x0  [esp4] [FTRACE]",
+                            "ffffffff8d000004  k  validate_xmit_xfrm+0x4    [FTRACE]"],
+                        "profile": {"esp": {"packets": 1000, "bps": 1.0,
+                                            "xt_entry": {"run_cnt": 7000,
+                                                         "run_time_ns": 7000 * 3600},
+                                            "xt_site": {"run_cnt": 0, "run_time_ns": 0}}}},
             "storm": {"runs": storm_runs, "rate_limit": 100, "seconds": 10.0},
             "startup": {"cold": [70.0, 72.0], "warm": [60.0, 66.0], "bpftrace": [5.0, 4.0]},
             "resolver": {"seconds": 46.0, "log": {"objects": {"vmlinux": 1.2, "esp4": 0.02},
@@ -373,6 +383,21 @@ def test_render_has_every_figure_and_verdicts() -> None:
     assert "149,999 = 150,000" in text
     startup = next(line for line in text.splitlines() if "no site cache" in line)
     assert "| 71.0 | 70.0–72.0 | 15.8 |" in startup
+
+
+def test_entry_functions_from_kprobes_list() -> None:
+    hot = _guest()["phases"]["hotpath"]
+    assert notes.entry_functions(hot["tool_kprobes"]) == [
+        "xfrm_input", "esp_input_done2 [esp4]", "validate_xmit_xfrm"]
+
+
+def test_notes_explain_the_hot_path() -> None:
+    text = "\n".join(notes.notes_sections(META, _guest(), OFFLINE))
+    assert "0.995 with the tool" in text and "0.998 with the tool stopped" in text
+    assert "`xt_entry` 7.00 times per packet" in text and "3.60 µs each" in text
+    assert "every packet any device transmits" in text
+    assert "**met** for ESP tunnel traffic" in text
+    assert "5.0% of one vCPU" in text
 
 
 def test_render_reports_failed_phases() -> None:
