@@ -35,29 +35,27 @@ BENCH_DEB_PACKAGES := iperf3 netsniff-ng bpftrace zstd
 	bench bench-deps
 all: venv bpf
 
-deps: .deps.stamp
-.deps.stamp: Makefile
-	@missing=$$(for p in $(DEB_PACKAGES); do \
+# $(call install_debs,PACKAGES,TARGET): install the Debian packages not yet installed
+# (as root; otherwise say which are missing), for `deps` and `bench-deps`.
+define install_debs
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install:" $$missing >&2; exit 1; fi; \
+		if [ "$$(id -u)" != 0 ]; then echo "make $(2): run as root to install:" $$missing >&2; exit 1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@touch $@
+endef
+
+deps: .deps.stamp
+.deps.stamp: Makefile
+	$(call install_debs,$(DEB_PACKAGES),deps)
 
 bench-deps: .bench-deps.stamp
 .bench-deps.stamp: Makefile | deps
-	@missing=$$(for p in $(BENCH_DEB_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:" $$missing; \
-		if [ "$$(id -u)" != 0 ]; then echo "make bench-deps: run as root to install:" $$missing >&2; exit 1; fi; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-	@touch $@
+	$(call install_debs,$(BENCH_DEB_PACKAGES),bench-deps)
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: setup.cfg pyproject.toml | deps
