@@ -71,16 +71,6 @@ def _process_status(pid: int) -> Dict[str, str]:
     return {k: fields.get(k, "").strip() for k in STATUS_FIELDS}
 
 
-def _stop(proc: subprocess.Popen, sig: int) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
 def pod_phase(spec_path: Path, out: Path, names: List[str], count: int) -> Dict[str, Any]:
     spec = json.loads(spec_path.read_text())
     record: Dict[str, Any] = {}
@@ -104,7 +94,7 @@ def pod_phase(spec_path: Path, out: Path, names: List[str], count: int) -> Dict[
             record["scenario_seconds"] = round(time.monotonic() - t0, 1)
             record["metrics"] = trace_run.scrape_metrics(address)
     finally:
-        record["returncode"] = _stop(proc, signal.SIGTERM)
+        record["returncode"] = trace_run.stop_process(proc, signal.SIGTERM)
         record["seconds"] = round(time.monotonic() - started, 1)
         for ctx in contexts:
             ctx.close()
@@ -128,31 +118,24 @@ def _kcore_size(pid: int) -> Optional[int]:
 
 
 def zipapp_phase(pyz: Path, out: Path, names: List[str], count: int) -> Dict[str, Any]:
+    """The single-file build with the system python3 and its own (cold) site cache."""
     record: Dict[str, Any] = {}
-    ready = out / "pyz-ready"
-    env = {**trace_run.fast_capstone_env(), "SHIV_ROOT": "/tmp/shiv"}
-    argv = ["/usr/bin/python3", str(pyz), "trace", "--output", "json", "--ready-file",
-            str(ready), "--cache-dir", "/tmp/xfrmtrace-cache-pyz"]
-    stdout, stderr = out / "pyz-stdout.txt", out / "pyz-stderr.txt"
-    started = time.monotonic()
-    with open(stdout, "w") as so, open(stderr, "w") as se:
-        proc = subprocess.Popen(argv, stdout=so, stderr=se, env=env)
+    out.mkdir(parents=True, exist_ok=True)
+    tool = trace_run.Tool(out, [], command=["/usr/bin/python3", str(pyz)],
+                          cache_dir="/tmp/xfrmtrace-cache-pyz", env={"SHIV_ROOT": "/tmp/shiv"})
     contexts = []
     try:
-        while not ready.exists() and proc.poll() is None:
-            if time.monotonic() - started > READY_TIMEOUT:
-                break
-            time.sleep(0.2)
-        record["ready_seconds"] = round(time.monotonic() - started, 1) if ready.exists() else None
-        if ready.exists():
+        ready = tool.wait_ready()
+        record["ready_seconds"] = round(time.monotonic() - tool.started, 1) if ready else None
+        if ready:
             record["scenarios"], contexts = trace_run.run_scenarios(names, count)
     finally:
-        record["returncode"] = _stop(proc, signal.SIGINT)
+        record["returncode"] = tool.stop()
         for ctx in contexts:
             ctx.close()
     record["kprobes_after_exit"] = trace_run.kprobes()
-    record["stdout"] = stdout.read_text()
-    record["stderr"] = stderr.read_text()
+    record["stdout"] = tool.events_path.read_text()
+    record["stderr"] = tool.stderr_path.read_text()
     return record
 
 
@@ -168,7 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {"kernel": os.uname().release}
     results["pod"] = pod_phase(args.pod_spec, args.out, args.pod_scenario, args.count)
-    results["zipapp"] = zipapp_phase(args.pyz, args.out, args.pyz_scenario, args.count)
+    results["zipapp"] = zipapp_phase(args.pyz, args.out / "zipapp", args.pyz_scenario,
+                                     args.count)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

@@ -79,17 +79,22 @@ def in_module(lines: List[str], module: str) -> List[str]:
 class Tool:
     """The xfrmtrace process under test and its output files."""
 
-    def __init__(self, out: Path, extra: List[str], output: str = "json") -> None:
+    def __init__(self, out: Path, extra: List[str], output: str = "json",
+                 command: Optional[List[str]] = None,
+                 cache_dir: str = "/tmp/xfrmtrace-cache",
+                 env: Optional[Dict[str, str]] = None) -> None:
+        """``command`` runs another build of the tool (default: the venv's ``xfrmtrace``)."""
         self.ready_file = out / "ready"
         self.ready_file.unlink(missing_ok=True)
         self.events_path, self.stderr_path = out / "events.jsonl", out / "stderr.txt"
         self.pcap_path = out / "events.pcapng"
-        argv = [xfrmtrace(), "trace", "--output", output, "--ready-file", str(self.ready_file),
-                "--cache-dir", "/tmp/xfrmtrace-cache", "--metrics-addr", METRICS_ADDR,
-                "--output-pcap", str(self.pcap_path), *extra]
+        self.started = time.monotonic()
+        argv = [*(command or [xfrmtrace()]), "trace", "--output", output,
+                "--ready-file", str(self.ready_file), "--cache-dir", cache_dir,
+                "--metrics-addr", METRICS_ADDR, "--output-pcap", str(self.pcap_path), *extra]
         with open(self.events_path, "w") as events, open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(argv, stdout=events, stderr=stderr,
-                                         env=fast_capstone_env())
+                                         env={**fast_capstone_env(), **(env or {})})
 
     def wait_ready(self) -> bool:
         started = time.monotonic()
@@ -110,13 +115,18 @@ class Tool:
         return None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, signal.SIGINT)
+
+
+def stop_process(proc: subprocess.Popen, sig: int) -> int:
+    """Send ``sig`` (if it still runs) and wait for the exit status; SIGKILL after 120 s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def scrape_metrics(address: str = METRICS_ADDR) -> str:
