@@ -220,6 +220,8 @@ def _parse_lines(lines: Iterable[str], source: str) -> tuple[list[tuple[int, str
             addr = int(parts[0], 16)
         except ValueError:
             continue
+        if not 0 <= addr < 1 << 64:  # "-1", or more digits than an address has
+            continue
         kind, name = parts[1], parts[2]
         nonzero = nonzero or addr != 0
         obj = parts[3].strip("[]") if len(parts) > 3 else VMLINUX
