@@ -274,10 +274,10 @@ def _storm_findings(guest: Mapping[str, Any], offline: Optional[Mapping[str, Any
         cpus = guest.get("cpus") or 1
         if limit and per_second > 1.5 * limit:
             lines.append(
-                f"- The limit is per site **and per CPU**: one site on {cpus} CPUs sent "
-                f"{fmt(per_second)} events/s with a limit of {limit} (`site_rates` is a "
-                "per-CPU array in `bpf/xfrm.bpf.c`), so the cap grows with the CPU count; a "
-                "shared per-site counter would make it a cap per site.")
+                f"- **Over the limit**: one site on {cpus} CPUs sent {fmt(per_second)} "
+                f"events/s with a limit of {limit}. The limit is shared by all CPUs "
+                "(`site_rates` in `bpf/xfrm.bpf.c`); only CPUs racing at a window's start "
+                "may send a few more.")
         if limited.get("lost"):
             lines.append(
                 f"- Even with the limit, {limited['lost']:,} events were lost: `xt_site` "

@@ -181,7 +181,7 @@ _XFRM_ERROR = re.compile(rb'"type":\s*"xfrm_error"')
 _STEPS = (
     ("kernel_view", re.compile(r"kernel BTF, kallsyms and kcore opened \(([\d.]+)s\)")),
     ("bpf_loaded", re.compile(r"BPF object loaded \(([\d.]+)s\)")),
-    ("attached", re.compile(r"site and \d+ entry probes attached \(([\d.]+)s\)")),
+    ("attached", re.compile(r"site and \d+ entry probes attached.*? \(([\d.]+)s\)")),
 )
 
 

@@ -7,10 +7,12 @@
  * per-CPU map, works out the network namespace, and sends an event with
  * the packet or flow that caused it through a ring buffer.
  *
- * xt_entry runs at the entry of each function that holds sites and
- * remembers its skb/flowi/net/... arguments, keyed by the stack pointer at
- * entry.  The resolver knows how deep the stack is at each site, so the site
- * finds exactly its own invocation's arguments: no thread ids, no guessing.
+ * The site needs some arguments of its function (skb, flowi, net, ...).  Where the
+ * resolver proved that a register holds one at the site, the site reads it there.
+ * The others are recorded by xt_entry, at the function's entry or at a later point
+ * that dominates all its sites, keyed by the stack pointer at entry.  The resolver
+ * knows how deep the stack is at each point, so the site finds exactly its own
+ * invocation's arguments: no thread ids, no guessing.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -37,12 +39,12 @@ struct {
 	__type(value, struct xt_site_info);
 } sites SEC(".maps");
 
-/* entry probe address -> func_id */
+/* recording probe address -> function and where its arguments are there */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2 * XT_MAX_FUNCS);
 	__type(key, __u64);
-	__type(value, __u32);
+	__type(value, struct xt_entry_info);
 } entries SEC(".maps");
 
 /* func_id -> which arguments it has */
@@ -98,9 +100,9 @@ struct site_rate {
 	__u64 sent;
 };
 
-/* site_id -> events sent in the current one-second window */
+/* site_id -> events sent in the current one-second window, shared by all CPUs */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XT_MAX_SITES);
 	__type(key, __u32);
 	__type(value, struct site_rate);
@@ -152,14 +154,43 @@ static __always_inline __u64 reg_value(const struct saved_regs *saved, __u8 reg)
 	return saved->r[reg];
 }
 
-static __always_inline __u64 frame_arg(const struct xt_frame *frame,
-				       const struct xt_func_info *fi, int role)
-{
-	__u8 slot = fi->arg_slot[role & (XT_ARG_NUM - 1)];
+/* Where a site's function arguments come from: its own registers, else the frame. */
+struct arg_source {
+	const struct saved_regs *regs;
+	const struct xt_site_info *si;
+	const struct xt_func_info *fi;
+	const struct xt_frame *frame;
+};
 
-	if (!frame || slot >= 6)
+static __always_inline __u8 role_slot(const struct xt_func_info *fi, int role)
+{
+	return fi ? fi->arg_slot[role & (XT_ARG_NUM - 1)] : XT_NO_ARG;
+}
+
+static __always_inline __u64 site_arg(const struct arg_source *src, int role)
+{
+	__u8 slot = role_slot(src->fi, role);
+
+	if (slot >= 6)
 		return 0;
-	return frame->args[slot];
+	if (src->si->arg_reg[slot] != XT_NO_REG)
+		return reg_value(src->regs, src->si->arg_reg[slot]);
+	return src->frame ? src->frame->args[slot] : 0;
+}
+
+/* True when a role the function has is not in a register at the site. */
+static __always_inline bool needs_frame(const struct xt_site_info *si,
+					const struct xt_func_info *fi)
+{
+	int role;
+
+	for (role = 0; role < XT_ARG_NUM; role++) {
+		__u8 slot = fi->arg_slot[role];
+
+		if (slot < 6 && si->arg_reg[slot] == XT_NO_REG)
+			return true;
+	}
+	return false;
 }
 
 /* True, with the inode in *inum, if @net owns the MIB the site increments. */
@@ -264,7 +295,10 @@ static __always_inline void count_netns(__u32 site_id, __u32 netns)
  * Per-site rate limit, in two steps: over_rate_limit() before anything is read or
  * reserved (an increment over the limit then costs two map lookups and takes no
  * ring-buffer space), take_rate_slot() once the event is known to pass the filters (a
- * filtered increment uses no slot).  The window is per CPU (site_rates is a per-CPU array).
+ * filtered increment uses no slot).  The limit is per site across all CPUs: the slot count
+ * is an atomic add (BPF_XADD, which 5.10 has; compare-and-swap came in 5.12), and CPUs that
+ * race at the start of a window may each reset it, so a window can send a few events more
+ * than the limit, never a multiple of it.
  */
 static __always_inline struct site_rate *site_rate(__u32 site_id, __u64 now)
 {
@@ -273,7 +307,8 @@ static __always_inline struct site_rate *site_rate(__u32 site_id, __u64 now)
 	if (!cfg.site_rate_limit)
 		return NULL;
 	r = bpf_map_lookup_elem(&site_rates, &site_id);
-	if (r && now - r->window_start >= NSEC_PER_SEC) {
+	/* Signed: another CPU may have started the window a moment after our @now. */
+	if (r && (__s64)(now - r->window_start) >= (__s64)NSEC_PER_SEC) {
 		r->window_start = now;
 		r->sent = 0;
 	}
@@ -292,7 +327,7 @@ static __always_inline void take_rate_slot(__u32 site_id, __u64 now)
 	struct site_rate *r = site_rate(site_id, now);
 
 	if (r)
-		r->sent += 1;
+		__sync_fetch_and_add(&r->sent, 1);
 }
 
 static __always_inline void read_skb(struct xt_event *e, struct sk_buff *skb)
@@ -363,14 +398,13 @@ static __always_inline void read_flow(struct xt_event *e, const struct flowi *fl
 	}
 }
 
-static __always_inline __u16 flow_family(const struct xt_frame *frame,
-					 const struct xt_func_info *fi)
+static __always_inline __u16 flow_family(const struct arg_source *src)
 {
 	struct dst_entry *dst;
 
-	if (fi->arg_slot[XT_ARG_FAMILY] < 6)
-		return (__u16)frame_arg(frame, fi, XT_ARG_FAMILY);
-	dst = (struct dst_entry *)frame_arg(frame, fi, XT_ARG_DST);
+	if (role_slot(src->fi, XT_ARG_FAMILY) < 6)
+		return (__u16)site_arg(src, XT_ARG_FAMILY);
+	dst = (struct dst_entry *)site_arg(src, XT_ARG_DST);
 	if (dst)
 		return BPF_CORE_READ(dst, ops, family);
 	return 0;
@@ -393,20 +427,22 @@ SEC("kprobe")
 int xt_entry(struct pt_regs *ctx)
 {
 	__u64 ip = PT_REGS_IP(ctx) - 1;	/* kprobes report the address after int3 */
-	__u32 *func_id = bpf_map_lookup_elem(&entries, &ip);
+	struct xt_entry_info *info = bpf_map_lookup_elem(&entries, &ip);
 	struct xt_frame frame = {};
-	__u64 sp = ctx->sp;
+	struct saved_regs *regs;
+	__u64 entry_sp;
+	int slot;
 
-	if (!func_id)
+	if (!info)
 		return 0;
-	frame.func_id = *func_id;
-	frame.args[0] = ctx->di;
-	frame.args[1] = ctx->si;
-	frame.args[2] = ctx->dx;
-	frame.args[3] = ctx->cx;
-	frame.args[4] = ctx->r8;
-	frame.args[5] = ctx->r9;
-	bpf_map_update_elem(&frames, &sp, &frame, BPF_ANY);
+	regs = save_regs(ctx);
+	if (!regs)
+		return 0;
+	frame.func_id = info->func_id;
+	for (slot = 0; slot < 6; slot++)
+		frame.args[slot] = reg_value(regs, info->arg_reg[slot]);
+	entry_sp = ctx->sp + (__u64)(__s64)info->depth;
+	bpf_map_update_elem(&frames, &entry_sp, &frame, BPF_ANY);
 	return 0;
 }
 
@@ -415,14 +451,12 @@ int xt_site(struct pt_regs *ctx)
 {
 	__u64 ip = PT_REGS_IP(ctx) - 1;
 	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &ip);
-	struct xt_func_info *fi = NULL;
-	struct xt_frame *frame = NULL;
+	struct arg_source args = {};
 	struct netns_guess ns = {};
 	struct sk_buff *skb = NULL;
-	struct saved_regs *regs;
 	struct xt_event *e;
 	__u64 mib, now, *count, entry_sp;
-	__u32 site_id;
+	__u32 site_id, fid;
 	__u8 note = XT_NOTE_OK;
 
 	if (!si) {
@@ -434,33 +468,30 @@ int xt_site(struct pt_regs *ctx)
 	if (count)
 		*count += 1;
 
-	regs = save_regs(ctx);
-	mib = reg_value(regs, si->mib_reg);
-	if (si->func_id >= XT_MAX_FUNCS) {
+	args.si = si;
+	args.regs = save_regs(ctx);
+	mib = reg_value(args.regs, si->mib_reg);
+	fid = si->func_id;
+	if (fid < XT_MAX_FUNCS)
+		args.fi = bpf_map_lookup_elem(&funcs, &fid);
+	if (!args.fi) {
 		note = XT_NOTE_NO_ARGS;
+	} else if (!needs_frame(si, args.fi)) {
+		/* every argument is in a register here */
 	} else if (si->stack_depth < 0) {
 		note = XT_NOTE_DEPTH_UNKNOWN;
 	} else {
 		entry_sp = ctx->sp + (__u64)si->stack_depth;
-		frame = bpf_map_lookup_elem(&frames, &entry_sp);
-		if (!frame || frame->func_id != si->func_id) {
-			frame = NULL;
+		args.frame = bpf_map_lookup_elem(&frames, &entry_sp);
+		if (!args.frame || args.frame->func_id != fid) {
+			args.frame = NULL;
 			note = XT_NOTE_FRAME_MISSING;
 		}
 	}
-	if (frame) {
-		__u32 fid = si->func_id;
+	skb = (struct sk_buff *)site_arg(&args, XT_ARG_SKB);
 
-		fi = bpf_map_lookup_elem(&funcs, &fid);
-	}
-	if (frame && !fi)
-		note = XT_NOTE_NO_ARGS;
-	if (fi)
-		skb = (struct sk_buff *)frame_arg(frame, fi, XT_ARG_SKB);
-
-	find_netns(&ns, regs, si, mib, skb,
-		   fi ? (struct net *)frame_arg(frame, fi, XT_ARG_NET) : NULL,
-		   fi ? (struct xfrm_state *)frame_arg(frame, fi, XT_ARG_STATE) : NULL);
+	find_netns(&ns, args.regs, si, mib, skb, (struct net *)site_arg(&args, XT_ARG_NET),
+		   (struct xfrm_state *)site_arg(&args, XT_ARG_STATE));
 	count_netns(site_id, ns.inum);
 
 	now = bpf_ktime_get_ns();
@@ -486,11 +517,11 @@ int xt_site(struct pt_regs *ctx)
 	e->context_note = note;
 	if (skb) {
 		read_skb(e, skb);
-	} else if (fi) {
-		const struct flowi *fl = (const struct flowi *)frame_arg(frame, fi, XT_ARG_FLOW);
+	} else if (args.fi && note == XT_NOTE_OK) {
+		const struct flowi *fl = (const struct flowi *)site_arg(&args, XT_ARG_FLOW);
 
 		if (fl)
-			read_flow(e, fl, flow_family(frame, fi));
+			read_flow(e, fl, flow_family(&args));
 		else
 			e->context_note = XT_NOTE_NO_ARGS;
 	}

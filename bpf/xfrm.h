@@ -89,19 +89,32 @@ struct xt_site_info {
 	__u32 func_id;		/* enclosing function; matches xt_frame */
 	__u8 mib_reg;		/* register holding net->mib.xfrm_statistics */
 	__u8 net_reg;		/* register holding the struct net *, or XT_NO_REG */
-	__u8 pad[6];
+	/* argument 0..5 of the function -> register holding it here, or XT_NO_REG (then
+	 * it comes from the function's frame) */
+	__u8 arg_reg[6];
 };
 
-/* Value of map "funcs", keyed by func_id (map "entries": entry address -> func_id). */
+/* Value of map "funcs", keyed by func_id. */
 struct xt_func_info {
 	__u32 func_id;
 	__u8 arg_slot[XT_ARG_NUM];	/* enum xt_arg_role -> 0..5 or XT_NO_ARG */
 	__u8 pad[4];
 };
 
+/*
+ * Value of map "entries", keyed by the address of a probe that records a function's
+ * arguments: its entry, or a later point that dominates all its sites (argregs.py).
+ */
+struct xt_entry_info {
+	__s32 depth;		/* sp here + depth == sp at function entry */
+	__u32 func_id;
+	__u8 arg_reg[6];	/* argument 0..5 -> register holding it here, or XT_NO_REG */
+	__u8 pad[2];
+};
+
 /* Value of map "frames", keyed by the sp at function entry. */
 struct xt_frame {
-	__u64 args[6];		/* di, si, dx, cx, r8, r9 at entry */
+	__u64 args[6];		/* arguments 0..5 (di, si, dx, cx, r8, r9 at entry) */
 	__u32 func_id;
 	__u32 pad;
 };

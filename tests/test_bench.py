@@ -135,8 +135,9 @@ def test_start_breakdown() -> None:
         (21.0, "xfrmtrace: INFO: vmlinux: 55 sites from cache (0.50s)"),
         (22.0, "xfrmtrace: INFO: esp4: 1 sites from cache (0.01s)"),
         (30.0, "xfrmtrace: INFO: BPF object loaded (6.00s)"),
-        (33.0, "xfrmtrace: INFO: 60 site and 12 entry probes attached (9.00s)"),
-        (33.5, "Attached 60/60 probes"),
+        (33.0, "xfrmtrace: INFO: 60 site and 5 entry probes attached, 4 functions need none "
+               "(9.00s)"),
+        (33.5, "Attached 60/60 probes (+5 recording packet context, 4 functions need none)"),
     ]
     assert stats.start_breakdown(timeline, 35.0) == {
         "interpreter": 15.0, "kernel_view": 5.0, "sites": 2.0, "session_setup": 2.0,

@@ -12,46 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.kasm import BASE, COUNTERS, MIB_OFFSET, Assembled, needs_binutils
 from xfrmtrace import discovery
 from xfrmtrace.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.sitecache import FORMAT, SiteCache
-from xfrmtrace.sites import DOUBTFUL, OTHER, XFRM, SiteResolver
+from xfrmtrace.sites import DOUBTFUL, OTHER, XFRM
 
-BASE = 0xFFFFFFFF81000000
-MIB_OFFSET = 0x1B0
-COUNTERS = {1: "XfrmInError", 2: "XfrmInBufferError", 3: "XfrmInHdrError", 4: "XfrmInNoStates"}
-
-pytestmark = pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,
-                                reason="GNU as/objcopy (Debian binutils) not installed")
-
-
-class Assembled:
-    """Functions assembled at BASE, with a kallsyms text and a byte reader."""
-
-    def __init__(self, tmp: Path, body: str) -> None:
-        src = tmp / "t.s"
-        src.write_text(".intel_syntax noprefix\n.text\n" + body + "\n.globl _etext\n_etext:\n")
-        subprocess.run(["as", "--64", "-o", tmp / "t.o", src], check=True)
-        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", tmp / "t.o", tmp / "t.bin"],
-                       check=True)
-        self.code = (tmp / "t.bin").read_bytes()
-        nm = subprocess.run(["nm", tmp / "t.o"], check=True, capture_output=True, text=True)
-        lines = [f"{BASE:016x} T _stext"]
-        self.symbols: dict[str, int] = {}
-        for line in nm.stdout.splitlines():
-            value, _kind, name = line.split()
-            if name.startswith(".L") or name[0].isdigit():
-                continue
-            self.symbols[name] = BASE + int(value, 16)
-            lines.append(f"{BASE + int(value, 16):016x} {'T' if name != '_etext' else 'T'} {name}")
-        self.syms = Kallsyms.parse("\n".join(lines))
-
-    def read(self, addr: int, size: int) -> bytes:
-        off = addr - BASE
-        return self.code[off:off + size] if 0 <= off < len(self.code) else b""
-
-    def resolve(self):
-        return SiteResolver(self.read, self.syms, MIB_OFFSET, COUNTERS).resolve(["vmlinux"])
+pytestmark = needs_binutils
 
 
 @pytest.fixture
@@ -305,6 +272,9 @@ f2:
   ret
 """
 BUILD_ID = "5eedc0de"
+# BTF of the assembled text: f1(struct sk_buff *skb) has an argument to record.
+PROTOTYPES = SimpleNamespace(func_params=lambda name: [
+    SimpleNamespace(name="skb", type="struct sk_buff *")] if name == "f1" else None)
 
 
 @pytest.fixture
@@ -313,7 +283,8 @@ def live(asm, monkeypatch):
     a = asm(CACHED_TEXT)
     monkeypatch.setattr(discovery, "kernel_build_id", lambda: BUILD_ID)
     return SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read), live=True,
-                           model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS))
+                           model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS,
+                                                  btf=PROTOTYPES))
 
 
 def _resolve(view, cache_dir: Path):
@@ -337,7 +308,7 @@ def _as_text(edit):
 
 BAD_CACHES = {
     # damaged files
-    "truncated": (lambda text: text[:len(text) // 2], "Unterminated"),
+    "truncated": (lambda text: text[:len(text) // 2], "line 1 column"),  # a JSON error
     "empty": (lambda text: "", "Expecting value"),
     "random bytes": (b"\xff" + random.Random(6).randbytes(300), "utf-8"),
     "nul bytes": (b"\0" * 64, "Expecting value"),
@@ -355,6 +326,15 @@ BAD_CACHES = {
     "offset not a number": (_as_text(_edit("offset", "eight")), "eight"),
     "offset infinite": (lambda text: text.replace('"offset": 8', '"offset": Infinity', 1),
                         "infinity"),
+    # argument registers and record points end up in BPF maps: checked
+    "argument registers not a list": (_as_text(_edit("arg_regs", "rdi")), "register list"),
+    "argument register rsp": (_as_text(_edit("arg_regs", ["rsp"] + [None] * 5)),
+                              "bad register 'rsp'"),
+    "argument register unknown": (_as_text(_edit("arg_regs", ["xmm0"] + [None] * 5)),
+                                  "bad register 'xmm0'"),
+    "record point not an object": (_as_text(_edit("record", 5)), "not subscriptable"),
+    "record depth not a number": (_as_text(_edit("record", {
+        "offset": 0, "depth": "deep", "registers": ["rdi"] + [None] * 5})), "bad number"),
     # another format or object
     "older format": (_as_text(lambda d: {**d, "format": FORMAT - 1}), "format or object"),
     "newer format": (_as_text(lambda d: {**d, "format": FORMAT + 1}), "format or object"),
@@ -381,6 +361,7 @@ def test_bad_site_cache_is_detected_resolved_again_and_rewritten(live, tmp_path,
     cache_dir = tmp_path / "cache"
     fresh = _resolve(live, cache_dir)
     assert [s.function for s in fresh.sites] == ["f1", "f2"] and len(fresh.audit) == 3
+    assert fresh.sites[0].arg_regs[0] == "rdi"  # f1's skb, cached with the site
     path = cache_dir / f"vmlinux-{BUILD_ID}.json"
     written = path.read_text()
     assert '"offset": 8' in written  # f1's site, which the edits above rely on

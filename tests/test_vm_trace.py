@@ -98,6 +98,17 @@ def test_tool_ran_and_stopped_cleanly(run: dict) -> None:
     assert run["summary"]["lost"] == 0
 
 
+def test_argument_probes_only_where_sites_lack_registers(run: dict) -> None:
+    """Functions whose sites hold every argument they report in registers get no argument
+    probe (argregs.py).  The packet context those sites report is checked by every scenario
+    below."""
+    found = re.search(r"\(\+(\d+) recording packet context, (\d+) functions need none",
+                      run["stderr"])
+    assert found, run["stderr"]
+    recording, unneeded = int(found.group(1)), int(found.group(2))
+    assert recording > 0 and unneeded > 0
+
+
 def test_event_counts_equal_proc_counters(run: dict) -> None:
     """For every counter in every scenario namespace: events == /proc/net/xfrm_stat, exactly.
 

@@ -122,8 +122,9 @@ def test_database_follows_adds_updates_deletes_and_flushes() -> None:
                           st.integers(1, 4), st.sampled_from(["10.0.0.1", "10.0.0.2"])),
                 max_size=40))
 def test_removal_index_answers_like_a_history_scan(ops: list) -> None:
-    """last_removal (an index by SPI, kept in step with the bounded history) finds what a
-    scan of the history would, also once old changes fell out of it."""
+    """last_removal and last_removal_to (indices by SPI and by destination, kept in step
+    with the bounded history) find what a scan of the history would, also once old changes
+    fell out of it."""
     sa_fields = next(c.sa for c in changes("sa-add-aead"))
     db = XfrmDatabase()
     with pytest.MonkeyPatch.context() as patch:
@@ -140,6 +141,11 @@ def test_removal_index_answers_like_a_history_scan(ops: list) -> None:
             scanned = db.last_change(NETNS, lambda c, same=same: database.sa_removed(c)
                                      and same(c.sa))
             assert db.last_removal(NETNS, spi, same) is scanned
+    for dst in ("10.0.0.1", "10.0.0.2"):
+        scanned = db.last_change(NETNS, lambda c, dst=dst: database.sa_removed(c)
+                                 and c.sa.dst == dst)
+        assert db.last_removal_to(NETNS, dst) is scanned
+    assert db.last_removal_to(NETNS, "10.0.0.3") is None
 
 
 def _all_output(show_keys: bool) -> str:

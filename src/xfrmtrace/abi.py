@@ -130,17 +130,29 @@ class XtSiteInfo(ctypes.Structure):
         ("func_id", ctypes.c_uint32),
         ("mib_reg", ctypes.c_uint8),
         ("net_reg", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 6),
+        ("arg_reg", ctypes.c_uint8 * 6),
     ]
 
 
 class XtFuncInfo(ctypes.Structure):
-    """``struct xt_func_info``: value of map ``funcs``, keyed by the function's entry address."""
+    """``struct xt_func_info``: value of map ``funcs``, keyed by func_id."""
 
     _fields_ = [
         ("func_id", ctypes.c_uint32),
         ("arg_slot", ctypes.c_uint8 * XtArgRole.NUM),
         ("pad", ctypes.c_uint8 * 4),
+    ]
+
+
+class XtEntryInfo(ctypes.Structure):
+    """``struct xt_entry_info``: value of map ``entries``, keyed by a recording probe's
+    address."""
+
+    _fields_ = [
+        ("depth", ctypes.c_int32),
+        ("func_id", ctypes.c_uint32),
+        ("arg_reg", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 
@@ -221,6 +233,7 @@ class XtConfig(ctypes.Structure):
 C_STRUCTS: Dict[str, Type[ctypes.Structure]] = {
     "xt_site_info": XtSiteInfo,
     "xt_func_info": XtFuncInfo,
+    "xt_entry_info": XtEntryInfo,
     "xt_frame": XtFrame,
     "xt_netns_key": XtNetnsKey,
     "xt_event": XtEvent,

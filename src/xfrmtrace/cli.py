@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, metavar="SECONDS",
                      help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
     run.add_argument("--rate-limit", type=_positive_int, default=0, metavar="N",
-                     help="at most N events per site per second on each CPU (0: no limit); "
+                     help="at most N events per site per second, over all CPUs (0: no limit); "
                      "counts stay exact")
     run.add_argument("--ringbuf-size", type=_ring_size, default=4 << 20, metavar="SIZE",
                      help="ring buffer size: MiB, or with a K or M suffix, e.g. 64K (default "

@@ -111,29 +111,63 @@ def open_offline(vmlinux: Union[str, Path], kallsyms: Union[str, Path]) -> Kerne
     return KernelView(syms, text, model, live=False, source=str(vmlinux))
 
 
+class ArgumentRoles:
+    """Argument roles (funcargs.py) of functions in vmlinux and modules, from their BTF."""
+
+    def __init__(self, view: KernelView) -> None:
+        self._view = view
+        self._module_btf: dict[str, Optional[Btf]] = {}
+
+    def of(self, function: str, obj: str) -> Optional[FunctionArgs]:
+        btf = self._view.model.btf
+        if obj != VMLINUX:
+            if obj not in self._module_btf:
+                self._module_btf[obj] = Btf.module(obj, self._view.model.btf)
+            btf = self._module_btf[obj] or btf
+        address = self._view.syms.address(function, obj)
+        if address is None:
+            return None
+        return function_args(btf, function, address, obj)
+
+    def slots(self, function: str, obj: str) -> frozenset[int]:
+        """Argument positions an event of ``function``'s sites reads."""
+        args = self.of(function, obj)
+        return args.slots if args is not None else frozenset()
+
+    def close(self) -> None:
+        for btf in self._module_btf.values():
+            if btf is not None:
+                btf.close()
+        self._module_btf.clear()
+
+
 def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
                   cache: Optional[SiteCache] = None) -> Resolution:
     """Sites of ``objects`` (default: vmlinux + every module), from the cache when valid."""
     names = objects if objects is not None else view.syms.objects()
     if not view.live:
         names = [VMLINUX]  # offline we only have the vmlinux file's bytes
+    roles = ArgumentRoles(view)
     resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                            view.model.counters)
+                            view.model.counters, roles.slots)
     result = Resolution()
-    for obj in names:
-        started = time.monotonic()
-        build_id = _build_id(view, obj)
-        part = cache.load(obj, build_id, view) if cache and build_id else None
-        how = "from cache"
-        if part is None:
-            part = resolver.resolve([obj])
-            how = "resolved"
-            if cache and build_id:
-                cache.store(obj, build_id, part)
-        log.info("%s: %d sites %s (%.2fs)", obj, len(part.sites), how,
-                 time.monotonic() - started)
-        result.sites.extend(part.sites)
-        result.audit.extend(part.audit)
+    try:
+        for obj in names:
+            started = time.monotonic()
+            build_id = _build_id(view, obj)
+            part = cache.load(obj, build_id, view) if cache and build_id else None
+            how = "from cache"
+            if part is None:
+                part = resolver.resolve([obj])
+                how = "resolved"
+                if cache and build_id:
+                    cache.store(obj, build_id, part)
+            log.info("%s: %d sites %s (%.2fs)", obj, len(part.sites), how,
+                     time.monotonic() - started)
+            result.sites.extend(part.sites)
+            result.audit.extend(part.audit)
+    finally:
+        roles.close()
     result.sites.sort(key=lambda s: s.address)
     return result
 
@@ -145,28 +179,28 @@ def _build_id(view: KernelView, obj: str) -> Optional[str]:
 
 
 def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs]:
-    """Argument roles of each distinct entry function among ``sites``."""
+    """Argument roles of each distinct entry function among ``sites``, and where they are
+    recorded: nowhere when every site of the function holds them in registers."""
+    by_function: dict[tuple[str, str], list[Site]] = {}
+    for site in sites:
+        if site.entry_function is not None:
+            by_function.setdefault((site.object, site.entry_function), []).append(site)
     result: list[FunctionArgs] = []
-    module_btf: dict[str, Optional[Btf]] = {}
-    seen: set[tuple[str, str]] = set()
+    roles = ArgumentRoles(view)
     try:
-        for site in sites:
-            if site.entry_function is None or (site.object, site.entry_function) in seen:
+        for (obj, function), its_sites in by_function.items():
+            args = roles.of(function, obj)
+            if args is None:
                 continue
-            seen.add((site.object, site.entry_function))
-            btf = view.model.btf
-            if site.object != VMLINUX:
-                if site.object not in module_btf:
-                    module_btf[site.object] = Btf.module(site.object, view.model.btf)
-                btf = module_btf[site.object] or view.model.btf
-            address = view.syms.address(site.entry_function, site.object)
-            if address is None:
-                continue
-            args = function_args(btf, site.entry_function, address, site.object)
-            if args is not None:
-                result.append(args)
+            if all(_in_site_registers(site, args.slots) for site in its_sites):
+                args.record = None
+            elif its_sites[0].record is not None:
+                args.record = its_sites[0].record
+            result.append(args)
     finally:
-        for mod_btf in module_btf.values():
-            if mod_btf is not None:
-                mod_btf.close()
+        roles.close()
     return result
+
+
+def _in_site_registers(site: Site, slots: frozenset[int]) -> bool:
+    return all(slot < len(site.arg_regs) and site.arg_regs[slot] is not None for slot in slots)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from xfrmtrace.events import XfrmErrorEvent
 from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.database import NamespaceState, XfrmDatabase, sa_removed
+from xfrmtrace.xfrmnl.database import NamespaceState, XfrmDatabase
 from xfrmtrace.xfrmnl.model import SA, Policy, Selector, Template
 
 MAX_LISTED = 3
@@ -99,10 +99,6 @@ def _ago(change: XfrmChange, event: XfrmErrorEvent) -> str:
     if seconds < 120:
         return f"{seconds:.1f}s before"
     return f"{seconds / 60:.1f} min before"
-
-
-def _sa_gone(change: XfrmChange, match: Callable[[SA], bool]) -> bool:
-    return sa_removed(change) and change.sa is not None and match(change.sa)
 
 
 def _sa_added(change: XfrmChange) -> bool:
@@ -200,8 +196,7 @@ def _out_no_states(event: XfrmErrorEvent, db: XfrmDatabase,
         exp.details.append(f"template [{tmpl.describe()}]: "
                            + _template_gap(tmpl, policy, event, state))
     dst = policy.templates[0].dst if policy.templates else event.dst
-    gone = db.last_change(event.netns, lambda c: _sa_gone(
-        c, lambda sa: _same_addr(sa.dst, dst or event.dst)))
+    gone = db.last_removal_to(event.netns, dst or event.dst)
     if gone is not None and gone.sa is not None:
         exp.details.append(f"last SA to {gone.sa.dst} (spi {gone.sa.spi:#x}) was "
                            f"{gone.action} {_ago(gone, event)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import sys
 from array import array
@@ -22,6 +23,7 @@ SYS_MODULE = Path("/sys/module")
 # Module text is laid out by the module loader; past a module's last text
 # symbol we have no end marker, so we assume at most this much code follows.
 _LAST_SYMBOL_SPAN = 4096
+_ADDRESS_LIMIT = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -38,46 +40,159 @@ class Function:
         return self.end - self.start
 
 
+class SymbolColumns:
+    """Text symbols as they are read, in any order, column by column."""
+
+    def __init__(self, object_names: Optional[list[str]] = None) -> None:
+        self.addrs = array("Q")
+        self.names: list[bytes] = []
+        self.object_ids = array("H")
+        self.object_names: list[str] = list(object_names or ())
+        self._object_id = {name: n for n, name in enumerate(self.object_names)}
+
+    def __len__(self) -> int:
+        return len(self.addrs)
+
+    def object_id(self, obj: str) -> int:
+        object_id = self._object_id.get(obj)
+        if object_id is None:
+            object_id = self._object_id[obj] = len(self.object_names)
+            self.object_names.append(sys.intern(obj))
+        return object_id
+
+    def add(self, addr: int, name: str, obj: str) -> None:
+        self.addrs.append(addr)
+        self.names.append(name.encode("utf-8", "surrogateescape"))
+        self.object_ids.append(self.object_id(obj))
+
+
+class SymbolTable:
+    """Symbols ordered by (address, name, object), exact duplicates dropped, stored compactly.
+
+    A kernel with its modules has 100k-200k text symbols.  As (address, name, object) tuples
+    they took ~300 bytes each and set the tool's memory; here a symbol is an 8-byte address,
+    its name's bytes in one blob, a 4-byte name end, a 2-byte object id and two 4-byte index
+    entries (by name, by object).
+    """
+
+    def __init__(self, columns: SymbolColumns) -> None:
+        # Sorted by address (C-level sorts over one int per symbol); only runs of aliases
+        # (the same address) are then ordered by name and object, in Python.
+        order = sorted(range(len(columns)), key=columns.addrs.__getitem__)
+        addrs = array("Q", map(columns.addrs.__getitem__, order))
+        names = list(map(columns.names.__getitem__, order))
+        object_ids = array("H", map(columns.object_ids.__getitem__, order))
+        del order
+        if any(addrs[k] == addrs[k - 1] for k in range(1, len(addrs))):
+            addrs, names, object_ids = _order_aliases(addrs, names, object_ids,
+                                                      columns.object_names)
+        self.object_names = columns.object_names
+        self.addrs = addrs
+        self.object_ids = object_ids
+        self.blob = b"".join(names)
+        self.name_ends = array("I", itertools.accumulate(map(len, names)))
+        # Symbol indices ordered by name bytes, then address: name lookups bisect it.
+        self.by_name = array("I", sorted(range(len(names)), key=names.__getitem__))
+        del names
+        # Symbol indices per object, so listing one module's functions does not scan them all.
+        self.by_object: dict[str, array] = {}
+        for i, object_id in enumerate(object_ids):
+            obj = self.object_names[object_id]
+            indices = self.by_object.get(obj)
+            if indices is None:
+                indices = self.by_object[obj] = array("I")
+            indices.append(i)
+
+    def __len__(self) -> int:
+        return len(self.addrs)
+
+    def name_start(self, i: int) -> int:
+        return self.name_ends[i - 1] if i else 0
+
+    def name_bytes(self, i: int) -> bytes:
+        return self.blob[self.name_start(i):self.name_ends[i]]
+
+    def name(self, i: int) -> str:
+        return self.name_bytes(i).decode("utf-8", "surrogateescape")
+
+    def object(self, i: int) -> str:
+        return self.object_names[self.object_ids[i]]
+
+    def columns_without(self, objects: set[str]) -> SymbolColumns:
+        """The symbols of every object but ``objects``, to be added to and indexed again."""
+        columns = SymbolColumns(self.object_names)
+        keep = sorted(i for obj, indices in self.by_object.items() if obj not in objects
+                      for i in indices)
+        columns.addrs = array("Q", (self.addrs[i] for i in keep))
+        columns.names = [self.name_bytes(i) for i in keep]
+        columns.object_ids = array("H", (self.object_ids[i] for i in keep))
+        return columns
+
+
+def _order_aliases(addrs: array, names: list[bytes], object_ids: array,
+                   object_names: list[str]) -> tuple[array, list[bytes], array]:
+    """Runs of equal addresses ordered by (name, object), exact duplicates dropped."""
+    out_addrs = array("Q")
+    out_names: list[bytes] = []
+    out_ids = array("H")
+    copied = 0  # addrs[:copied] are in the output
+    k = 1
+    while k < len(addrs):
+        if addrs[k] != addrs[k - 1]:
+            k += 1
+            continue
+        start, end = k - 1, k + 1
+        while end < len(addrs) and addrs[end] == addrs[start]:
+            end += 1
+        out_addrs += addrs[copied:start]
+        out_names += names[copied:start]
+        out_ids += object_ids[copied:start]
+        for name, _obj, object_id in sorted({(names[j], object_names[object_ids[j]],
+                                              object_ids[j]) for j in range(start, end)}):
+            out_addrs.append(addrs[start])
+            out_names.append(name)
+            out_ids.append(object_id)
+        copied = k = end
+    out_addrs += addrs[copied:]
+    out_names += names[copied:]
+    out_ids += object_ids[copied:]
+    return out_addrs, out_names, out_ids
+
+
 class Kallsyms:
     """Text symbols of the kernel and its modules, sorted by address."""
 
-    def __init__(self, symbols: list[tuple[int, str, str]], core_text_end: int = 0) -> None:
-        """``symbols``: (address, name, object) of text symbols, any order."""
+    def __init__(self, symbols: SymbolColumns, core_text_end: int = 0) -> None:
+        """``symbols``: text symbols in any order."""
         self._core_text_end = core_text_end
         # Where the symbols came from, so refresh_modules() re-reads the same file.
         self.source_path: Path = PROC_KALLSYMS
         self.sysfs: Optional[Path] = None
         self._index(symbols)
 
-    def _index(self, symbols: list[tuple[int, str, str]]) -> None:
-        # Compact on purpose: a kernel with its modules has 100k-200k text symbols, and this
-        # table is most of the tool's memory.  Addresses in an array (8 bytes each, not an int
-        # object), object names interned, vmlinux names keyed by the name alone.
-        symbols = sorted(symbols)  # duplicates (the same line twice) are dropped below
-        unique = [s for i, s in enumerate(symbols) if i == 0 or s != symbols[i - 1]]
-        del symbols
-        self._addrs = array("Q", (s[0] for s in unique))
-        self._names = [s[1] for s in unique]
-        self._objects = [sys.intern(s[2]) for s in unique]
-        del unique
-        self._by_name: dict[str, int] = {}  # vmlinux
-        self._by_module_name: dict[tuple[str, str], int] = {}
-        # Symbol indices per object, so listing one module's functions does not scan them all.
-        self._by_object: dict[str, array] = {}
-        for i, (name, obj) in enumerate(zip(self._names, self._objects)):
-            if obj == VMLINUX:
-                self._by_name.setdefault(name, i)
-            else:
-                self._by_module_name.setdefault((name, obj), i)
-            indices = self._by_object.get(obj)
-            if indices is None:
-                indices = self._by_object[obj] = array("I")
-            indices.append(i)
+    def _index(self, symbols: SymbolColumns) -> None:
+        self._symbols = SymbolTable(symbols)
+        self._addrs = self._symbols.addrs
 
     def _index_of(self, name: str, obj: str) -> Optional[int]:
-        if obj == VMLINUX:
-            return self._by_name.get(name)
-        return self._by_module_name.get((name, obj))
+        """The first (lowest address) symbol called ``name`` in ``obj``."""
+        key = name.encode("utf-8", "surrogateescape")
+        by_name = self._symbols.by_name
+        lo, hi = 0, len(by_name)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._symbols.name_bytes(by_name[mid]) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        while lo < len(by_name):
+            i = by_name[lo]
+            if self._symbols.name_bytes(i) != key:
+                break
+            if self._symbols.object(i) == obj:
+                return i
+            lo += 1
+        return None
 
     # --- loading -----------------------------------------------------------
 
@@ -108,14 +223,10 @@ class Kallsyms:
     @classmethod
     def _from_lines(cls, lines: Iterable[str], source: str,
                     sysfs: Optional[Path]) -> Kallsyms:
-        symbols, etext = _parse_lines(lines, source)
+        symbols = SymbolColumns()
+        etext = _parse_lines(lines, source, symbols, _InitFilter(sysfs))
         if not symbols:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
-        if sysfs is not None:
-            sections = {obj: _Sections.of(obj, sysfs)
-                        for obj in {o for _a, _n, o in symbols if o != VMLINUX}}
-            symbols = [(a, n, o) for a, n, o in symbols
-                       if o == VMLINUX or not sections[o].is_init(a)]
         return cls(symbols, core_text_end=etext)
 
     def refresh_modules(self, modules: Iterable[str], path: Union[str, Path, None] = None,
@@ -130,32 +241,28 @@ class Kallsyms:
         if not names:
             return
         path = path or self.source_path
-        sysfs = sysfs or self.sysfs or SYS_MODULE
-        sections = {name: _Sections.of(name, sysfs) for name in names}
         try:
             text = Path(path).read_text(errors="replace")
         except OSError as err:
             raise InputError(f"cannot read {path}: {err.strerror}") from err
+        symbols = self._symbols.columns_without(names)
         suffixes = tuple(f"[{name}]" for name in names)
         lines = [line for line in text.splitlines() if line.endswith(suffixes)]
-        fresh = [(addr, name, obj) for addr, name, obj in _parse_lines(lines, str(path))[0]
-                 if not sections[obj].is_init(addr)]
-        kept = [(a, n, o) for a, n, o in zip(self._addrs, self._names, self._objects)
-                if o not in names]
-        self._index(kept + fresh)
+        _parse_lines(lines, str(path), symbols, _InitFilter(sysfs or self.sysfs or SYS_MODULE))
+        self._index(symbols)
 
     # --- queries -----------------------------------------------------------
 
     def objects(self) -> list[str]:
         """``vmlinux`` first, then module names in order of address."""
-        return [VMLINUX, *(obj for obj in self._by_object if obj != VMLINUX)]
+        return [VMLINUX, *(obj for obj in self._symbols.by_object if obj != VMLINUX)]
 
     def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
         """Every text symbol (of one object, if given) with its extent."""
-        indices: Iterable[int] = (range(len(self._names)) if obj is None
-                                  else self._by_object.get(obj, ()))
+        indices: Iterable[int] = (range(len(self._symbols)) if obj is None
+                                  else self._symbols.by_object.get(obj, ()))
         for i in indices:
-            if not self._names[i].startswith("__pfx_"):
+            if not self._symbols.blob.startswith(b"__pfx_", self._symbols.name_start(i)):
                 yield self._function_at(i)
 
     def find(self, name: str, obj: str = VMLINUX) -> Optional[Function]:
@@ -190,13 +297,13 @@ class Kallsyms:
         return start, self._core_text_end
 
     def _function_at(self, i: int) -> Function:
-        obj = self._objects[i]
+        obj = self._symbols.object(i)
         start = self._addrs[i]
         j = i + 1
         # Aliases share an address; the extent runs to the next distinct address.
         while j < len(self._addrs) and self._addrs[j] == start:
             j += 1
-        if j < len(self._addrs) and self._objects[j] == obj:
+        if j < len(self._addrs) and self._symbols.object_ids[j] == self._symbols.object_ids[i]:
             end = self._addrs[j]
         elif obj == VMLINUX and self._core_text_end > start:
             end = self._core_text_end
@@ -204,38 +311,66 @@ class Kallsyms:
             end = start + _LAST_SYMBOL_SPAN
             if j < len(self._addrs):
                 end = min(end, self._addrs[j])
-        return Function(self._names[i], obj, start, end)
+        return Function(self._symbols.name(i), obj, start, end)
 
 
-def _parse_lines(lines: Iterable[str], source: str) -> tuple[list[tuple[int, str, str]], int]:
-    """Text symbols (address, name, object) and the address of vmlinux's _etext (0 if absent)."""
-    symbols: list[tuple[int, str, str]] = []
+def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
+                 keep: _InitFilter) -> int:
+    """Add the text symbols of ``lines`` to ``symbols``; the address of vmlinux's _etext
+    (0 if absent)."""
     etext = 0
     nonzero = False
+    added = 0
+    # Bound once: this loop runs for every line of a 100k+ line file.
+    add_addr, add_name, add_object = (symbols.addrs.append, symbols.names.append,
+                                      symbols.object_ids.append)
+    last_obj, last_id = None, 0
     for line in lines:
         parts = line.split()
-        if len(parts) < 3:
-            continue
+        if len(parts) < 3 or parts[1] not in ("t", "T"):
+            continue  # only text symbols (_etext is one)
         try:
             addr = int(parts[0], 16)
         except ValueError:
             continue
-        if not 0 <= addr < 1 << 64:  # "-1", or more digits than an address has
+        if not 0 <= addr < _ADDRESS_LIMIT:  # "-1", or more digits than an address has
             continue
-        kind, name = parts[1], parts[2]
+        name = parts[2]
         nonzero = nonzero or addr != 0
         obj = parts[3].strip("[]") if len(parts) > 3 else VMLINUX
+        if obj != last_obj:  # lines come grouped by object
+            last_obj, last_id = obj, symbols.object_id(obj)
         if name == "_etext" and obj == VMLINUX:
             etext = addr
-        if kind in ("t", "T"):
-            # __pfx_ padding symbols (6.2+) are kept: they end the function before.
-            symbols.append((addr, name, obj))
-    if not nonzero and symbols:
+        # __pfx_ padding symbols (6.2+) are kept: they end the function before.
+        if obj == VMLINUX or keep(addr, obj):
+            add_addr(addr)
+            add_name(name.encode("utf-8", "surrogateescape"))
+            add_object(last_id)
+            added += 1
+    if not nonzero and added:
         raise PermissionProblem(
             f"{source} shows only zero addresses: run as root "
             "(or lower kernel.kptr_restrict)"
         )
-    return symbols, etext
+    return etext
+
+
+class _InitFilter:
+    """Drops symbols of module init sections (see :class:`_Sections`); keeps all without
+    a sysfs to look in."""
+
+    def __init__(self, sysfs: Optional[Path]) -> None:
+        self._sysfs = sysfs
+        self._sections: dict[str, _Sections] = {}
+
+    def __call__(self, addr: int, obj: str) -> bool:
+        if self._sysfs is None or obj == VMLINUX:
+            return True
+        sections = self._sections.get(obj)
+        if sections is None:
+            sections = self._sections[obj] = _Sections.of(obj, self._sysfs)
+        return not sections.is_init(addr)
 
 
 class _Sections:

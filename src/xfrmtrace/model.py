@@ -13,6 +13,15 @@ def code_location(function: str, offset: int, obj: str = "vmlinux") -> str:
 
 
 @dataclass(frozen=True)
+class RecordPoint:
+    """Where a function's arguments are recorded, when not at its entry (see argregs.py)."""
+
+    offset: int  # bytes from the function's start
+    depth: int  # sp(entry) - sp(here) in bytes
+    registers: tuple[Optional[str], ...]  # argument slot 0..5 -> register holding it here
+
+
+@dataclass(frozen=True)
 class Site:
     """One instruction that increments an XFRM statistics counter."""
 
@@ -27,6 +36,10 @@ class Site:
     stack_depth: Optional[int] = None  # sp(entry) - sp(site) in bytes, None if unknown
     entry_function: Optional[str] = None  # non-inlined function whose arguments we record
     instruction: str = ""  # disassembly, for the audit and --output json
+    # Argument slot 0..5 -> register holding that argument of entry_function at the site.
+    arg_regs: tuple[Optional[str], ...] = ()
+    # Where entry_function's other arguments are recorded; None: at its entry.
+    record: Optional[RecordPoint] = None
 
     @property
     def label(self) -> str:
@@ -47,3 +60,14 @@ class FunctionArgs:
     state: Optional[int] = None
     dst: Optional[int] = None
     family: Optional[int] = None
+    # Where the recording probe goes: None when every site finds the arguments in its own
+    # registers (no probe at all), else a RecordPoint (offset 0: the entry).
+    record: Optional[RecordPoint] = RecordPoint(0, 0, ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
+
+    @property
+    def slots(self) -> frozenset[int]:
+        """Argument positions the BPF side reads: dst and family only give a flow's family."""
+        roles = [self.skb, self.flow, self.net, self.state]
+        if self.flow is not None:
+            roles += [self.dst, self.family]
+        return frozenset(p for p in roles if p is not None)

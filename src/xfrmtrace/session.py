@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol, TextIO
+from typing import Callable, Optional, Protocol, TextIO, TypeVar
 
 from xfrmtrace.discovery import KernelView, function_arguments
 from xfrmtrace.errors import InputError, KernelFeatureMissing
@@ -37,6 +37,19 @@ _MODULE_POLL_S = 0.25
 # Events decoded per drain of the ring buffer before they are written out.
 _DRAIN_BATCH = 1024
 _STOP_DRAIN = -1  # the ring buffer callback's "stop here"; the record counts as consumed
+T = TypeVar("T")
+
+
+def bounded_callback(decode: Callable[[bytes], T], pending: list[T],
+                     batch: int = _DRAIN_BATCH) -> Callable[[bytes], int]:
+    """A ring-buffer callback that decodes into ``pending`` and stops a drain once it holds
+    ``batch`` items.  Under a storm libbpf would keep calling back for as long as records keep
+    coming: stopping after a batch lets events be written (and memory freed), and modules and
+    netlink be followed, while it lasts.  The caller drains again while it gets _STOP_DRAIN."""
+    def handle(raw: bytes) -> int:
+        pending.append(decode(raw))
+        return _STOP_DRAIN if len(pending) >= batch else 0
+    return handle
 
 
 class StopFlag(Protocol):
@@ -145,13 +158,7 @@ class TraceSession:
         )
 
     def _on_event(self, decoder: EventDecoder) -> Callable[[bytes], int]:
-        def handle(raw: bytes) -> int:
-            self._pending.append(decoder.decode(raw))
-            # Under a storm libbpf would keep calling back for as long as records keep
-            # coming: stop after a batch, so events are written (and memory freed), and
-            # modules and netlink are followed, while it lasts.
-            return _STOP_DRAIN if len(self._pending) >= _DRAIN_BATCH else 0
-        return handle
+        return bounded_callback(decoder.decode, self._pending)
 
     def _start_xfrm_watch(self) -> Optional[XfrmWatcher]:
         if not self._options.follow_xfrm:
@@ -196,8 +203,9 @@ class TraceSession:
             log.info("BPF object loaded (%.2fs)", time.monotonic() - started)
             tracer.open_ring_buffer(self._on_event(self._decoder(tracer)))
             report = tracer.add(self._sites, function_arguments(self._view, self._sites))
-            log.info("%d site and %d entry probes attached (%.2fs)", report.sites_attached,
-                     report.entries_attached, time.monotonic() - started)
+            log.info("%d site and %d entry probes attached, %d functions need none (%.2fs)",
+                     report.sites_attached, report.entries_attached, report.entries_unneeded,
+                     time.monotonic() - started)
             self._report_attach(report)
             self._tracer = tracer
             if self._metrics is not None:
@@ -206,7 +214,11 @@ class TraceSession:
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
             next_module_poll = time.monotonic()
-            follower = (ModuleFollower(self._modules, self._view, self._cache, self._status)
+            # esp4/esp6 usually load with the first SA of a new namespace: follow that
+            # namespace before the module's sites are resolved (seconds under emulation),
+            # so its SA changes queue on a socket meanwhile instead of being missed.
+            follower = (ModuleFollower(self._modules, self._view, self._cache, self._status,
+                                       watcher.rescan if watcher else None)
                         if self._modules is not None else None)
             while not stop.stopped and (deadline is None or time.monotonic() < deadline):
                 fds = [tracer.fileno(), *(watcher.fds() if watcher else [])]
@@ -257,10 +269,12 @@ class TraceSession:
             raise KernelFeatureMissing(
                 f"none of the {report.sites_expected} counter sites could be probed "
                 f"(first error: {report.sites_failed[0][1] if report.sites_failed else '?'})")
-        extra = ""
+        # Argument probes are what healthy traffic pays for (argregs.py): say how many.
+        extra = (f" (+{report.entries_attached} recording packet context, "
+                 f"{report.entries_unneeded} functions need none")
         if report.entries_failed:
-            extra = f" ({len(report.entries_failed)} functions without packet context)"
-        self._status(f"Attached {report.sites_attached}/{report.sites_expected} probes{extra}")
+            extra += f"; {len(report.entries_failed)} functions without packet context"
+        self._status(f"Attached {report.sites_attached}/{report.sites_expected} probes{extra})")
 
     def _summary(self, tracer: Tracer, duration: float) -> Summary:
         counts = tracer.site_counts()

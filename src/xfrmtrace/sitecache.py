@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import capstone
 
-from xfrmtrace.model import Site
-from xfrmtrace.sites import AuditEntry, Resolution
+from xfrmtrace.model import RecordPoint, Site
+from xfrmtrace.sites import AuditEntry, Resolution, reg64
 
 if TYPE_CHECKING:
     from xfrmtrace.discovery import KernelView
 
 log = logging.getLogger("xfrmtrace.sitecache")
 
-FORMAT = 2  # bump when Site/AuditEntry or the resolver's rules change
+FORMAT = 3  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
 _DISASSEMBLER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
@@ -139,7 +139,14 @@ class SiteCache:
 
     def _site(self, obj: str, record: dict[str, Any], view: KernelView) -> Site:
         address = self._address(obj, record, view)
-        site = Site(address=address, **{k: v for k, v in record.items() if k != "address"})
+        fields = {k: v for k, v in record.items() if k != "address"}
+        fields["arg_regs"] = _registers(fields.get("arg_regs", ()))
+        if fields.get("record") is not None:
+            point = fields["record"]
+            fields["record"] = RecordPoint(offset=_int(point["offset"]),
+                                           depth=_int(point["depth"]),
+                                           registers=_registers(point["registers"]))
+        site = Site(address=address, **fields)
         self._check_instruction(site, view)
         return site
 
@@ -151,6 +158,23 @@ class SiteCache:
         """The cached site must still decode to the very instruction it was resolved from."""
         if not decodes_as_resolved(site, view.text.read):
             raise ValueError(f"instruction at {site.label} differs from the cached one")
+
+
+def _registers(value: Any) -> tuple[Optional[str], ...]:
+    """A cached argument-slot -> register list, checked: it ends up in BPF maps."""
+    if not isinstance(value, list) or len(value) not in (0, 6):
+        raise ValueError(f"bad register list {value!r}")
+    for name in value:
+        if name is not None and (not isinstance(name, str) or reg64(name) != name
+                                 or name == "rsp"):
+            raise ValueError(f"bad register {name!r}")
+    return tuple(value)
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"bad number {value!r}")
+    return value
 
 
 def decodes_as_resolved(site: Site, read: Callable[[int, int], bytes]) -> bool:

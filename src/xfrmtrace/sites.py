@@ -17,7 +17,7 @@ text, and only functions whose bytes contain OFF are disassembled.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import capstone
@@ -104,7 +104,7 @@ class _Block:
     indirect: bool = False  # ends in an indirect jump: successors unknown
 
 
-def _branch_target(insn: _Insn) -> Optional[int]:
+def branch_target(insn: _Insn) -> Optional[int]:
     try:
         return int(insn.op_str, 16) if insn.op_str.startswith("0x") else None
     except ValueError:
@@ -122,6 +122,7 @@ class FunctionCode:
     def __init__(self, parts: list[tuple[Function, bytes]], lite: capstone.Cs,
                  detail: capstone.Cs) -> None:
         self.entry = parts[0][0].start
+        self.entry_end = self.entry + len(parts[0][1])  # end of the first part's bytes
         self._detail = detail
         self._bytes: list[tuple[int, bytes]] = [(f.start, code) for f, code in parts]
         self.insns: list[_Insn] = []
@@ -140,7 +141,7 @@ class FunctionCode:
         for i, insn in enumerate(self.insns):
             if _ends_block(insn):
                 leaders.add(i + 1)
-                target = _branch_target(insn)
+                target = branch_target(insn)
                 if target is not None and target in self.index:
                     leaders.add(self.index[target])
         ordered = sorted(x for x in leaders if x < len(self.insns))
@@ -166,7 +167,7 @@ class FunctionCode:
         m = last.mnemonic
         succs: list[int] = []
         if m.startswith("j"):
-            target = _branch_target(last)
+            target = branch_target(last)
             if target is None:
                 block.indirect = True
             elif target in self.index:
@@ -198,6 +199,10 @@ class FunctionCode:
     def writes(self, i: int) -> set[str]:
         """64-bit registers instruction i may change (calls clobber caller-saved ones)."""
         if self.insns[i].mnemonic == "call":
+            # The ftrace hook (call __fentry__, first instruction or right after endbr64)
+            # runs before the function has read its arguments: it preserves them all.
+            if i == 0 or (i == 1 and self.insns[0].mnemonic == "endbr64"):
+                return set()
             return set(CALLER_SAVED)
         d = self.detail(i)
         if d is None:
@@ -276,7 +281,7 @@ def _stack_effect(insn: _Insn, sp: Optional[int],
 @dataclass
 class _Def:
     kind: str  # XFRM, OTHER, ENTRY, UNKNOWN
-    base: Optional[str] = None  # base register of the mib load
+    base: Optional[str] = None  # XFRM: base register of the mib load; ENTRY: the register
     written: frozenset = frozenset()  # registers written between the load and the site
     text: str = ""
 
@@ -303,7 +308,7 @@ def _is_mib_load(code: FunctionCode, i: int, reg: str, mib_offset: int) -> Optio
     return reg64(d.reg_name(src.mem.base))
 
 
-def _register_copy_source(code: FunctionCode, i: int, reg: str) -> Optional[str]:
+def register_copy_source(code: FunctionCode, i: int, reg: str) -> Optional[str]:
     """Source register if instruction i is ``mov reg, other`` (64-bit copy)."""
     d = code.detail(i)
     if d is None or d.mnemonic != "mov" or len(d.operands) != 2:
@@ -329,7 +334,7 @@ def reaching_definitions(code: FunctionCode, site: int, reg: str, mib_offset: in
         while i >= block.first:
             clobbered = code.writes(i)
             if r in clobbered:
-                src = _register_copy_source(code, i, r)
+                src = register_copy_source(code, i, r)
                 if src is not None:  # mov r, src: keep following src
                     written, r = written | {r}, src
                     i -= 1
@@ -342,7 +347,7 @@ def reaching_definitions(code: FunctionCode, site: int, reg: str, mib_offset: in
         if defined:
             continue
         if block.first == 0:
-            defs.append(_Def("ENTRY", text=f"{r} at function entry"))
+            defs.append(_Def("ENTRY", base=r, text=f"{r} at function entry"))
         elif not block.preds:
             defs.append(_Def("UNKNOWN", text="block reached only through an indirect jump"))
         for p in block.preds:
@@ -374,9 +379,13 @@ class SiteResolver:
     """Classifies gs-relative increments of kernel and module text."""
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
-                 counters: dict[int, str]) -> None:
+                 counters: dict[int, str],
+                 needed_slots: Optional[Callable[[str, str], frozenset[int]]] = None) -> None:
+        """``needed_slots(function, object)``: the argument positions events of that
+        function's sites read (from BTF); without it, arguments are recorded at entry."""
         self._read = read
         self._syms = syms
+        self._needed_slots = needed_slots
         self._mib_offset = mib_offset
         self._mib_bytes = [mib_offset.to_bytes(4, "little")]
         if mib_offset < 0x80:
@@ -446,6 +455,7 @@ class SiteResolver:
             return
         code = FunctionCode(code_bytes, self._lite, self._detail)
         offsets: Optional[dict[int, Optional[int]]] = None
+        first_site = len(result.sites)
         for addr in addrs:
             i = code.index.get(addr)
             if i is None:
@@ -454,6 +464,22 @@ class SiteResolver:
             if offsets is None:
                 offsets = code.stack_offsets()
             self._classify_site(code, i, parent, offsets, result)
+        found = result.sites[first_site:]
+        if found and offsets is not None and parts[0].name == parent:
+            result.sites[first_site:] = self._with_argument_plan(code, found, offsets)
+
+    def _with_argument_plan(self, code: FunctionCode, found: list[Site],
+                            offsets: dict[int, Optional[int]]) -> list[Site]:
+        """``found`` (sites of one function, its entry part known) with where their
+        arguments come from: see argregs.py."""
+        from xfrmtrace.argregs import plan_arguments  # argregs builds on this module
+
+        entry_function = found[0].entry_function
+        if self._needed_slots is None or entry_function is None:
+            return found
+        needed = self._needed_slots(entry_function, found[0].object)
+        plan = plan_arguments(code, [code.index[s.address] for s in found], needed, offsets)
+        return [replace(s, arg_regs=plan.site_registers, record=plan.record) for s in found]
 
     def _group_parts(self, parent: str, obj: str, fallback: Function) -> list[Function]:
         """The function and its compiler-split ``.cold`` parts, entry first."""

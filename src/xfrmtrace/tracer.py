@@ -1,7 +1,8 @@
 """Load the BPF object, attach it at every site, and hand over raw events.
 
 One program (``xt_site``) is attached at every site and one (``xt_entry``) at
-the entry of every function whose arguments we record.  Both identify the
+the record point of every function whose arguments are not all in registers at
+its sites (its entry, or a later point: see argregs.py).  Both identify the
 probe that fired by its address, so no per-attachment cookie is needed
 (kprobe cookies only arrived in Linux 5.15; the matrix starts at 5.10).
 """
@@ -73,6 +74,7 @@ class AttachReport:
     sites_failed: list[tuple[Site, str]] = field(default_factory=list)
     entries_attached: int = 0
     entries_failed: list[tuple[str, str]] = field(default_factory=list)
+    entries_unneeded: int = 0  # functions whose sites hold every argument in registers
 
     @property
     def sites_expected(self) -> int:
@@ -127,9 +129,13 @@ class Tracer:
             if func_id is None:
                 report.entries_failed.append((func.function, "function table full"))
                 continue
+            if func.record is None:
+                report.entries_unneeded += 1
+                continue
             try:
-                self._keep(func.object, _attach(entry_prog, func.function, 0, func.address,
-                                                 bool(self._by_address)))
+                offset = func.record.offset
+                self._keep(func.object, _attach(entry_prog, func.function, offset,
+                                                 func.address + offset, bool(self._by_address)))
                 report.entries_attached += 1
             except OSError as err:
                 report.entries_failed.append((func.function, err.strerror or str(err)))
@@ -186,9 +192,16 @@ class Tracer:
             if position is not None:
                 info.arg_slot[role] = position
         self._obj.map("funcs").update(_u32(func_id), bytes(info))
+        if func.record is None:
+            return func_id
+        entry = abi.XtEntryInfo(depth=func.record.depth, func_id=func_id)
+        for slot in range(len(entry.arg_reg)):
+            entry.arg_reg[slot] = _register_number(func.record.registers, slot)
         entries = self._obj.map("entries")
-        for address in (func.address, func.address + _ENDBR64_SIZE):
-            entries.update(_u64(address), _u32(func_id))
+        address = func.address + func.record.offset
+        addresses = [address, address + _ENDBR64_SIZE] if func.record.offset == 0 else [address]
+        for address in addresses:
+            entries.update(_u64(address), bytes(entry))
             self._addresses.setdefault(func.object, []).append(("entries", address))
         return func_id
 
@@ -208,6 +221,8 @@ class Tracer:
             mib_reg=_REGISTERS[site.mib_reg],
             net_reg=_REGISTERS.get(site.net_reg or "", abi.XT_NO_REG),
         )
+        for slot in range(len(info.arg_reg)):
+            info.arg_reg[slot] = _register_number(site.arg_regs, slot)
         self._obj.map("sites").update(_u64(site.address), bytes(info))
         self._addresses.setdefault(site.object, []).append(("sites", site.address))
         return True
@@ -300,6 +315,12 @@ def _attach(prog, function: str, offset: int, address: int, by_address: bool) ->
     if by_address:
         return prog.attach_kprobe(None, address)
     return prog.attach_kprobe(function, offset)
+
+
+def _register_number(registers: tuple[Optional[str], ...], slot: int) -> int:
+    """enum xt_reg of ``registers[slot]``, or XT_NO_REG when there is none."""
+    name = registers[slot] if slot < len(registers) else None
+    return _REGISTERS.get(name or "", abi.XT_NO_REG)
 
 
 def _power_of_two(n: int) -> int:

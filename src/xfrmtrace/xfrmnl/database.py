@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -20,9 +21,11 @@ class NamespaceState:
     policies: dict[tuple, Policy] = field(default_factory=dict)
     history: deque[XfrmChange] = field(default_factory=lambda: deque(maxlen=HISTORY))
     since_ns: int = 0  # monotonic time of the snapshot this state starts from
-    # The SA removals still in ``history``, by SPI, oldest first: an error storm with one
-    # SPI (or many) asks "was this SA removed?" per packet, and must not scan the history.
+    # The SA removals still in ``history``, by SPI and by destination, oldest first: an
+    # error storm (XfrmInNoStates by SPI, XfrmOutNoStates by destination) asks "was this SA
+    # removed?" per packet, and must not scan the history.
     removals: dict[int, deque[XfrmChange]] = field(default_factory=dict)
+    removals_to: dict[str, deque[XfrmChange]] = field(default_factory=dict)
 
 
 def sa_removed(change: XfrmChange) -> bool:
@@ -59,6 +62,7 @@ class XfrmDatabase:
         if sa_removed(change):
             assert change.sa is not None
             state.removals.setdefault(change.sa.spi, deque()).append(change)
+            state.removals_to.setdefault(_address_key(change.sa.dst), deque()).append(change)
         if change.kind not in ("sa", "policy"):
             return  # tc changes are history only
         table: dict[tuple, Any] = state.sas if change.kind == "sa" else state.policies
@@ -95,6 +99,12 @@ class XfrmDatabase:
                 return change
         return None
 
+    def last_removal_to(self, netns: int, dst: Optional[str]) -> Optional[XfrmChange]:
+        """The most recent remembered removal of an SA to ``dst`` (any spelling of it)."""
+        state = self._spaces.get(netns)
+        removals = state.removals_to.get(_address_key(dst)) if state and dst else None
+        return removals[-1] if removals else None
+
     def changes_after(self, netns: int, after_ns: int,
                       match: Callable[[XfrmChange], bool]) -> list[XfrmChange]:
         """Remembered changes newer than ``after_ns`` that ``match`` accepts, oldest first."""
@@ -112,8 +122,21 @@ class XfrmDatabase:
 
 def _forget_removal(state: NamespaceState, change: XfrmChange) -> None:
     if sa_removed(change) and change.sa is not None:
-        removals = state.removals.get(change.sa.spi)
-        if removals and removals[0] is change:
-            removals.popleft()
-            if not removals:
-                del state.removals[change.sa.spi]
+        _forget_oldest(state.removals, change.sa.spi, change)
+        _forget_oldest(state.removals_to, _address_key(change.sa.dst), change)
+
+
+def _forget_oldest(index: dict[Any, deque[XfrmChange]], key: Any, change: XfrmChange) -> None:
+    removals = index.get(key)
+    if removals and removals[0] is change:
+        removals.popleft()
+        if not removals:
+            del index[key]
+
+
+def _address_key(address: Optional[str]) -> str:
+    """One spelling per address (``::1`` and ``0:0::1`` alike); other text as it is."""
+    try:
+        return str(ipaddress.ip_address(address or ""))
+    except ValueError:
+        return address or ""

@@ -1,0 +1,252 @@
+"""Where arguments are still in registers (argregs.py), on machine code assembled by GNU as.
+
+Each function below is the shape a compiler gives a kernel function with one XFRM site;
+the resolver is asked for argument slot 0 (the skb, ``rdi`` at entry) unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kasm import Assembled, needs_binutils
+from xfrmtrace.discovery import _in_site_registers
+from xfrmtrace.model import FunctionArgs, RecordPoint
+
+pytestmark = needs_binutils
+
+SKB = frozenset({0})
+
+
+@pytest.fixture
+def asm(tmp_path):
+    return lambda body: Assembled(tmp_path, body)
+
+
+def _site(a: Assembled, needed=SKB):
+    (site,) = a.resolve(lambda function, obj: needed).sites
+    return site
+
+
+# The prologue every traced kernel function starts with: endbr64, then the ftrace hook.
+PROLOGUE = """
+  endbr64
+  call __fentry__
+"""
+FENTRY = """
+__fentry__:
+  ret
+"""
+
+
+def test_callee_saved_copy_is_read_at_the_site(asm):
+    """``mov rbx, rdi`` in the entry block and rbx never written again: no recording probe."""
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  call g
+  mov rax, qword ptr [rbx + 0x1b0]
+  test eax, eax
+  je 1f
+  inc qword ptr gs:[rax + 0x20]
+1:
+  pop rbx
+  ret
+g:
+  ret
+{FENTRY}"""))
+    assert site.arg_regs[0] == "rbx"
+    assert site.record is None
+    assert _in_site_registers(site, SKB)
+
+
+def test_ftrace_hook_is_not_a_clobbering_call(asm):
+    """Without the hook exemption rdi would look clobbered by ``call __fentry__``."""
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  mov rax, qword ptr [rdi + 0x1b0]
+  test esi, esi
+  je 1f
+  inc qword ptr gs:[rax + 0x20]
+1:
+  pop rbx
+  ret
+{FENTRY}"""))
+    assert site.arg_regs[0] == "rbx"
+
+
+def test_register_written_again_is_not_used(asm):
+    """``skb = skb->next``: rbx no longer holds the argument at the site, so it is recorded
+    before, at the last block start where it still does."""
+    a = asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  call g
+  mov rax, qword ptr [rbx + 0x1b0]
+  test eax, eax
+  je 1f
+  mov rbx, qword ptr [rbx]
+  inc qword ptr gs:[rax + 0x20]
+1:
+  pop rbx
+  ret
+g:
+  ret
+{FENTRY}""")
+    site = _site(a)
+    assert site.arg_regs[0] is None  # nor rdi: the call clobbers it
+    assert not _in_site_registers(site, SKB)
+    assert site.record is not None and site.record.registers[0] == "rbx"
+    assert site.record.depth == 8
+    assert a.read(a.symbols["f1"] + site.record.offset, 3) == bytes.fromhex("488b1b")
+
+
+def test_caller_saved_register_is_clobbered_by_a_call(asm):
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  mov r8, rdi
+  call g
+  mov rax, qword ptr [r8 + 0x1b0]
+  test eax, eax
+  je 1f
+  inc qword ptr gs:[rax + 0x20]
+1:
+  ret
+g:
+  ret
+{FENTRY}"""))
+    assert site.arg_regs[0] is None
+
+
+def test_pop_in_the_middle_is_a_write(asm):
+    """Only a pop on the way out (to ret or a tail jump) keeps the register invariant."""
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  call g
+  push rbx
+  pop rbx
+  mov rax, qword ptr [rbx + 0x1b0]
+  test eax, eax
+  je 1f
+  push rdx
+  pop rbx
+  inc qword ptr gs:[rax + 0x20]
+1:
+  pop rbx
+  jmp g
+g:
+  ret
+{FENTRY}"""))
+    assert site.arg_regs[0] is None
+
+
+def test_record_point_after_the_early_return(asm):
+    """``if (!xo) return skb;`` runs on every packet: the probe goes after it, where rbx holds
+    the skb and the stack depth is known."""
+    a = asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  sub rsp, 0x18
+  cmp qword ptr [rdi + 0x40], 0
+  je 9f
+  mov rdi, qword ptr [rdi + 0x48]
+  call g
+  mov rbx, qword ptr [rbx]
+  mov rax, qword ptr [rdi + 0x1b0]
+  test eax, eax
+  je 9f
+  inc qword ptr gs:[rax + 0x20]
+9:
+  add rsp, 0x18
+  pop rbx
+  ret
+g:
+  ret
+{FENTRY}""")
+    site = _site(a)
+    assert site.arg_regs[0] is None  # rbx is overwritten before the site
+    point = site.record
+    assert point is not None
+    assert point.registers[0] == "rbx"
+    # The first instruction after the early exit: `mov rdi, [rdi + 0x48]`, 0x20 deep
+    # (push rbx + sub rsp, 0x18).
+    assert point.depth == 0x20
+    assert a.read(a.symbols["f1"] + point.offset, 4) == bytes.fromhex("488b7f48")
+
+
+def test_indirect_jump_falls_back_to_the_entry(asm):
+    """A jump table hides edges: dominance cannot be proved, so the entry records."""
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  cmp qword ptr [rdi + 0x40], 0
+  je 9f
+  call g
+  jmp qword ptr [rsi]
+  mov rbx, qword ptr [rbx]
+  mov rax, qword ptr [rbx + 0x1b0]
+  inc qword ptr gs:[rax + 0x20]
+9:
+  pop rbx
+  ret
+g:
+  ret
+{FENTRY}"""))
+    assert site.arg_regs[0] is None
+    assert site.record is None
+
+
+def test_without_roles_nothing_is_planned(asm):
+    """No argument is read (no BTF roles): the sites get no registers and no record point."""
+    site = _site(asm(f"""
+f1:{PROLOGUE}
+  mov rax, qword ptr [rdi + 0x1b0]
+  inc qword ptr gs:[rax + 0x20]
+  ret
+{FENTRY}"""), needed=frozenset())
+    assert site.record is None
+
+
+def test_flow_family_slots_only_with_a_flow():
+    """dst and family only give a flow's family: a function with an skb does not need them."""
+    with_skb = FunctionArgs("f", 0, skb=2, family=3)
+    with_flow = FunctionArgs("g", 0, flow=2, dst=1, family=3)
+    assert with_skb.slots == {2}
+    assert with_flow.slots == {1, 2, 3}
+    assert with_skb.record == RecordPoint(0, 0, ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
+
+
+def test_record_point_is_never_a_site(asm):
+    """A site that starts the block dominating all sites is not a record point: its own
+    probe would run before the recording one."""
+    a = asm(f"""
+f1:{PROLOGUE}
+  push rbx
+  mov rbx, rdi
+  mov rax, qword ptr [rdi + 0x1b0]
+  cmp qword ptr [rdi + 0x40], 0
+  je 9f
+  call g
+  mov rax, qword ptr [rbx + 0x1b0]
+  jmp 8f
+8:
+  inc qword ptr gs:[rax + 0x20]
+  mov rbx, qword ptr [rbx]
+9:
+  pop rbx
+  ret
+g:
+  ret
+{FENTRY}""")
+    site = _site(a)
+    assert site.arg_regs[0] is None
+    assert site.record is not None
+    assert site.record.offset != site.offset
+    assert a.read(a.symbols["f1"] + site.record.offset, 1) == b"\xe8"  # `call g`, before it
