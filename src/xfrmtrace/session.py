@@ -180,7 +180,8 @@ class TraceSession:
             change.time_ns = self._wall_clock(change.monotonic_ns)
             change.netns_name = self._netns.name(change.netns)
             self._out.write(self._format_change(change) + "\n")
-        events, self._pending = self._pending, []
+        events = self._pending[:]
+        self._pending.clear()  # in place: the ring buffer callback appends to this list
         for event in events:
             if watcher is not None:
                 event.explain = explain(event, watcher.db)
