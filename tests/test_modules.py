@@ -83,6 +83,18 @@ def test_refresh_modules_replaces_only_those_modules(tmp_path: Path) -> None:
     assert "veth" not in syms.objects()
 
 
+def test_pseudo_modules_are_not_objects_to_resolve() -> None:
+    """kprobe slots and ftrace trampolines of earlier runs, and BPF JIT images, are listed in
+    kallsyms like modules; they hold no kernel code to resolve."""
+    syms = Kallsyms.parse(KALLSYMS
+                          + "ffffffffc0400000 t kprobe_insn_page\t[__builtin__kprobes]\n"
+                          + "ffffffffc0401000 t ftrace_trampoline\t[__builtin__ftrace]\n"
+                          + "ffffffffc0402000 t bpf_prog_6deef7357e7b4530_xt_site\t[bpf]\n")
+    assert syms.objects() == ["vmlinux", "veth", "esp4"]
+    # Still symbols: a stack through a trampoline is symbolized.
+    assert syms.symbolize(0xFFFFFFFFC0401010) == "ftrace_trampoline+0x10 [__builtin__ftrace]"
+
+
 def test_refresh_drops_init_symbols_of_a_module_just_gone_live(tmp_path: Path) -> None:
     """Right after init, kallsyms still lists init functions whose memory is freed (and
     reused by the next module); /sys/module/NAME/sections says which section is init."""

@@ -254,8 +254,11 @@ class Kallsyms:
     # --- queries -----------------------------------------------------------
 
     def objects(self) -> list[str]:
-        """``vmlinux`` first, then module names in order of address."""
-        return [VMLINUX, *(obj for obj in self._symbols.by_object if obj != VMLINUX)]
+        """``vmlinux`` first, then module names in order of address.  Pseudo-modules are left
+        out: kprobe instruction slots and ftrace trampolines (``[__builtin__kprobes]``,
+        ``[__builtin__ftrace]``) and JIT-compiled BPF (``[bpf]``) are not kernel code."""
+        return [VMLINUX, *(obj for obj in self._symbols.by_object
+                           if obj != VMLINUX and not _is_pseudo_module(obj))]
 
     def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
         """Every text symbol (of one object, if given) with its extent."""
@@ -312,6 +315,10 @@ class Kallsyms:
             if j < len(self._addrs):
                 end = min(end, self._addrs[j])
         return Function(self._symbols.name(i), obj, start, end)
+
+
+def _is_pseudo_module(obj: str) -> bool:
+    return obj.startswith("__builtin__") or obj == "bpf"
 
 
 def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
