@@ -185,15 +185,9 @@ f1:
 
 
 def test_site_cache_round_trip_and_corruption(asm, tmp_path):
-    a = asm("""
-f1:
-  push rbx
-  mov rax, qword ptr [rdi + 0x1b0]
-  inc qword ptr gs:[rax + 0x20]
-  pop rbx
-  ret
-""")
+    a = asm(CACHED_TEXT)
     result = a.resolve()
+    assert [s.function for s in result.sites] == ["f1", "f2"]
     view = SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read))
     cache = SiteCache(tmp_path / "cache")
     cache.store("vmlinux", "abc", result)
