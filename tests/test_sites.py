@@ -7,6 +7,7 @@ import logging
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -336,8 +337,12 @@ BAD_CACHES = {
                   "format or object"),
     "another object": (_as_text(lambda d: {**d, "object": "esp4"}), "format or object"),
     # foreign: written from another kernel's text under this build id
-    "instruction differs": (_as_text(_edit("instruction", "inc qword ptr gs:[rax + 0x28]")),
+    "instruction differs": (_as_text(_edit("code", "6548ff4028")),  # inc gs:[rax + 0x28]
                             "differs from the cached one"),
+    "instruction bytes not hex": (_as_text(_edit("code", "inc")), "differs from the cached one"),
+    "instruction bytes missing": (_as_text(lambda d: {**d, "sites": [
+        {k: v for k, v in d["sites"][0].items() if k != "code"}]}),
+        "differs from the cached one"),
     "mid-instruction offset": (_as_text(_edit("offset", 3)), "differs from the cached one"),
     "function not in kallsyms": (_as_text(_edit("function", "f9")),
                                  "function f9 is not in kallsyms"),
@@ -418,3 +423,16 @@ def test_unwritable_cache_directory_costs_one_warning(live, tmp_path, caplog, ho
     finally:
         if how != "a regular file":
             subprocess.run(["chattr", "-i", cache_dir], check=True)
+
+
+def test_a_warm_start_loads_no_disassembler() -> None:
+    """Tracing with every object in the site cache needs no capstone (13 MiB, and seconds of
+    imports under emulation): nothing the trace command imports loads it up front."""
+    modules = ("xfrmtrace.cli", "xfrmtrace.session", "xfrmtrace.discovery",
+               "xfrmtrace.sitecache", "xfrmtrace.follow", "xfrmtrace.tracer")
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'capstone'"
+            " or m == 'xfrmtrace.sites'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

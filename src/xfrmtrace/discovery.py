@@ -18,9 +18,8 @@ from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing
 from xfrmtrace.funcargs import function_args
 from xfrmtrace.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.ktext import TextReader, open_kcore, open_vmlinux, vmlinux_has_btf
-from xfrmtrace.model import FunctionArgs, Site
+from xfrmtrace.model import FunctionArgs, Resolution, Site
 from xfrmtrace.sitecache import SiteCache, kernel_build_id, module_build_id
-from xfrmtrace.sites import Resolution, SiteResolver
 
 log = logging.getLogger("xfrmtrace.discovery")
 
@@ -148,8 +147,7 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
     if not view.live:
         names = [VMLINUX]  # offline we only have the vmlinux file's bytes
     roles = ArgumentRoles(view)
-    resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                            view.model.counters, roles.slots)
+    resolver = None
     result = Resolution()
     try:
         for obj in names:
@@ -158,6 +156,12 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
             part = cache.load(obj, build_id, view) if cache and build_id else None
             how = "from cache"
             if part is None:
+                if resolver is None:
+                    # Imported here: a warm start, all from the cache, loads no disassembler.
+                    from xfrmtrace.sites import SiteResolver
+
+                    resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
+                                            view.model.counters, roles.slots)
                 part = resolver.resolve([obj])
                 how = "resolved"
                 if cache and build_id:

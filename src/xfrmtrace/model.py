@@ -1,8 +1,8 @@
-"""Plain data shared between the resolver, the tracer and the outputs."""
+"""Plain data shared between the resolver, the site cache, the tracer and the outputs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -36,6 +36,7 @@ class Site:
     stack_depth: Optional[int] = None  # sp(entry) - sp(site) in bytes, None if unknown
     entry_function: Optional[str] = None  # non-inlined function whose arguments we record
     instruction: str = ""  # disassembly, for the audit and --output json
+    code: str = ""  # the instruction's bytes (hex): a cached site is checked against them
     # Argument slot 0..5 -> register holding that argument of entry_function at the site.
     arg_regs: tuple[Optional[str], ...] = ()
     # Where entry_function's other arguments are recorded; None: at its entry.
@@ -45,6 +46,11 @@ class Site:
     def label(self) -> str:
         """``function+0xoff`` (with ``[module]`` for module sites), as printed in events."""
         return code_location(self.function, self.offset, self.object)
+
+
+# 64-bit general purpose registers: what a site or record point may name.
+GPR64 = frozenset({"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                   *(f"r{n}" for n in range(8, 16))})
 
 
 @dataclass
@@ -71,3 +77,31 @@ class FunctionArgs:
         if self.flow is not None:
             roles += [self.dst, self.family]
         return frozenset(p for p in roles if p is not None)
+
+
+# How the resolver classified a gs-relative increment (AuditEntry.classification).
+XFRM = "xfrm"
+OTHER = "other"
+DOUBTFUL = "doubtful"
+
+
+@dataclass
+class AuditEntry:
+    """How one gs-relative increment was classified."""
+
+    object: str
+    function: str
+    offset: int
+    address: int
+    instruction: str
+    classification: str  # XFRM, OTHER or DOUBTFUL
+    reason: str
+    counter: Optional[str] = None
+
+
+@dataclass
+class Resolution:
+    """Sites found plus the audit of every candidate looked at."""
+
+    sites: list[Site] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)

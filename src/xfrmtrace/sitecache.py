@@ -16,10 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import capstone
-
-from xfrmtrace.model import RecordPoint, Site
-from xfrmtrace.sites import AuditEntry, Resolution, reg64
+from xfrmtrace.model import GPR64, AuditEntry, RecordPoint, Resolution, Site
 
 if TYPE_CHECKING:
     from xfrmtrace.discovery import KernelView
@@ -28,7 +25,6 @@ log = logging.getLogger("xfrmtrace.sitecache")
 
 FORMAT = 3  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
-_DISASSEMBLER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
 def default_cache_dir() -> Path:
@@ -155,7 +151,7 @@ class SiteCache:
 
     @staticmethod
     def _check_instruction(site: Site, view: KernelView) -> None:
-        """The cached site must still decode to the very instruction it was resolved from."""
+        """The cached site must still hold the very instruction it was resolved from."""
         if not decodes_as_resolved(site, view.text.read):
             raise ValueError(f"instruction at {site.label} differs from the cached one")
 
@@ -165,8 +161,7 @@ def _registers(value: Any) -> tuple[Optional[str], ...]:
     if not isinstance(value, list) or len(value) not in (0, 6):
         raise ValueError(f"bad register list {value!r}")
     for name in value:
-        if name is not None and (not isinstance(name, str) or reg64(name) != name
-                                 or name == "rsp"):
+        if name is not None and (name not in GPR64 or name == "rsp"):
             raise ValueError(f"bad register {name!r}")
     return tuple(value)
 
@@ -178,8 +173,10 @@ def _int(value: Any) -> int:
 
 
 def decodes_as_resolved(site: Site, read: Callable[[int, int], bytes]) -> bool:
-    """True when the text at ``site`` is still the instruction it was resolved from (not,
-    say, a kprobe's int3 or jump)."""
-    code = read(site.address, 16)
-    insn = next(_DISASSEMBLER.disasm_lite(code, site.address, 1), None)
-    return insn is not None and f"{insn[2]} {insn[3]}" == site.instruction
+    """True when the text at ``site`` still holds the bytes it was resolved from (not, say,
+    a kprobe's int3 or jump).  Bytes, not disassembly: a warm start needs no disassembler."""
+    try:
+        code = bytes.fromhex(site.code)
+    except (TypeError, ValueError):
+        return False
+    return bool(code) and read(site.address, len(code)) == code

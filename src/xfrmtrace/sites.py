@@ -24,7 +24,7 @@ import capstone
 from capstone import x86_const as X86
 
 from xfrmtrace.kallsyms import VMLINUX, Function, Kallsyms
-from xfrmtrace.model import Site
+from xfrmtrace.model import DOUBTFUL, OTHER, XFRM, AuditEntry, Resolution, Site
 
 # gs prefix, REX.W (any R/X/B), then inc r/m64 (FF /0) or add r/m64, imm8 (83 /0)
 # with a disp8 or disp32 memory operand.  Index 0 (no displacement) is
@@ -35,33 +35,6 @@ _SCAN_OVERLAP = 16  # > the length of a _GS_INCREMENT match
 
 CALLER_SAVED = frozenset({"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"})
 _BLOCK_LIMIT = 256  # (block, register) pairs a backward search may visit per site
-
-XFRM = "xfrm"
-OTHER = "other"
-DOUBTFUL = "doubtful"
-
-
-@dataclass
-class AuditEntry:
-    """How one gs-relative increment was classified."""
-
-    object: str
-    function: str
-    offset: int
-    address: int
-    instruction: str
-    classification: str  # XFRM, OTHER or DOUBTFUL
-    reason: str
-    counter: Optional[str] = None
-
-
-@dataclass
-class Resolution:
-    """Sites found plus the audit of every candidate looked at."""
-
-    sites: list[Site] = field(default_factory=list)
-    audit: list[AuditEntry] = field(default_factory=list)
-
 
 # --- registers ----------------------------------------------------------------
 
@@ -549,6 +522,7 @@ class SiteResolver:
             stack_depth=None if sp is None else -sp,
             entry_function=parent if "." not in parent else None,
             instruction=f"{insn.mnemonic} {insn.op_str}",
+            code=self._read(insn.address, insn.size).hex(),
         )
         result.sites.append(site)
         result.audit.append(self._entry(insn.address, XFRM, "loaded from "
