@@ -25,24 +25,19 @@ log = logging.getLogger("xfrmtrace.follow")
 
 class ModuleFollower:
     def __init__(self, watcher: ModuleWatcher, view: KernelView, cache: Optional[SiteCache],
-                 status: Callable[[str], None],
-                 before_changes: Optional[Callable[[], None]] = None) -> None:
+                 status: Callable[[str], None]) -> None:
         """``watcher`` must have been created before ``view`` read kallsyms, so that a
-        module loading in between is seen as new (and found already probed).
-        ``before_changes`` runs when modules changed, before the (slow) work on them."""
+        module loading in between is seen as new (and found already probed)."""
         self._watcher = watcher
         self._view = view
         self._cache = cache
         self._status = status
-        self._before_changes = before_changes
 
     def poll(self, tracer: Tracer) -> None:
         """Detach from modules that went away; resolve and attach to the ones that came."""
         changes = self._watcher.poll()
         if not changes:
             return
-        if self._before_changes is not None:
-            self._before_changes()
         log.info("modules loaded: %s; unloaded: %s", " ".join(changes.loaded) or "-",
                  " ".join(changes.unloaded) or "-")
         for name in changes.unloaded:

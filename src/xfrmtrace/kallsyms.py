@@ -118,6 +118,44 @@ class SymbolTable:
     def object(self, i: int) -> str:
         return self.object_names[self.object_ids[i]]
 
+    def index_of(self, name: str, obj: str) -> Optional[int]:
+        """The first (lowest address) symbol called ``name`` in ``obj``."""
+        key = name.encode("utf-8", "surrogateescape")
+        lo, hi = 0, len(self.by_name)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.name_bytes(self.by_name[mid]) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        while lo < len(self.by_name):
+            i = self.by_name[lo]
+            if self.name_bytes(i) != key:
+                break
+            if self.object(i) == obj:
+                return i
+            lo += 1
+        return None
+
+    def function_at(self, i: int, core_text_end: int) -> Function:
+        """Symbol i with its extent: up to the next symbol of its object (vmlinux's last one
+        up to _etext, a module's last one at most _LAST_SYMBOL_SPAN)."""
+        obj = self.object(i)
+        start = self.addrs[i]
+        j = i + 1
+        # Aliases share an address; the extent runs to the next distinct address.
+        while j < len(self.addrs) and self.addrs[j] == start:
+            j += 1
+        if j < len(self.addrs) and self.object_ids[j] == self.object_ids[i]:
+            end = self.addrs[j]
+        elif obj == VMLINUX and core_text_end > start:
+            end = core_text_end
+        else:
+            end = start + _LAST_SYMBOL_SPAN
+            if j < len(self.addrs):
+                end = min(end, self.addrs[j])
+        return Function(self.name(i), obj, start, end)
+
     def columns_without(self, objects: set[str]) -> SymbolColumns:
         """The symbols of every object but ``objects``, to be added to and indexed again."""
         columns = SymbolColumns(self.object_names)
@@ -171,28 +209,9 @@ class Kallsyms:
         self._index(symbols)
 
     def _index(self, symbols: SymbolColumns) -> None:
+        # One assignment: a query binds the table once, so a refresh on another thread
+        # (modules followed while tracing) never mixes two tables in one answer.
         self._symbols = SymbolTable(symbols)
-        self._addrs = self._symbols.addrs
-
-    def _index_of(self, name: str, obj: str) -> Optional[int]:
-        """The first (lowest address) symbol called ``name`` in ``obj``."""
-        key = name.encode("utf-8", "surrogateescape")
-        by_name = self._symbols.by_name
-        lo, hi = 0, len(by_name)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._symbols.name_bytes(by_name[mid]) < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        while lo < len(by_name):
-            i = by_name[lo]
-            if self._symbols.name_bytes(i) != key:
-                break
-            if self._symbols.object(i) == obj:
-                return i
-            lo += 1
-        return None
 
     # --- loading -----------------------------------------------------------
 
@@ -262,23 +281,26 @@ class Kallsyms:
 
     def functions(self, obj: Optional[str] = None) -> Iterator[Function]:
         """Every text symbol (of one object, if given) with its extent."""
-        indices: Iterable[int] = (range(len(self._symbols)) if obj is None
-                                  else self._symbols.by_object.get(obj, ()))
+        table = self._symbols
+        indices: Iterable[int] = (range(len(table)) if obj is None
+                                  else table.by_object.get(obj, ()))
         for i in indices:
-            if not self._symbols.blob.startswith(b"__pfx_", self._symbols.name_start(i)):
-                yield self._function_at(i)
+            if not table.blob.startswith(b"__pfx_", table.name_start(i)):
+                yield table.function_at(i, self._core_text_end)
 
     def find(self, name: str, obj: str = VMLINUX) -> Optional[Function]:
         """The function named ``name`` in ``obj``."""
-        i = self._index_of(name, obj)
-        return None if i is None else self._function_at(i)
+        table = self._symbols
+        i = table.index_of(name, obj)
+        return None if i is None else table.function_at(i, self._core_text_end)
 
     def lookup(self, addr: int) -> Optional[Function]:
         """The function containing ``addr``, or None."""
-        i = bisect.bisect_right(self._addrs, addr) - 1
+        table = self._symbols
+        i = bisect.bisect_right(table.addrs, addr) - 1
         if i < 0:
             return None
-        func = self._function_at(i)
+        func = table.function_at(i, self._core_text_end)
         return func if func.start <= addr < func.end else None
 
     def symbolize(self, addr: int) -> str:
@@ -289,8 +311,9 @@ class Kallsyms:
         return code_location(func.name, addr - func.start, func.object)
 
     def address(self, name: str, obj: str = VMLINUX) -> Optional[int]:
-        i = self._index_of(name, obj)
-        return None if i is None else self._addrs[i]
+        table = self._symbols
+        i = table.index_of(name, obj)
+        return None if i is None else table.addrs[i]
 
     def core_text_range(self) -> tuple[int, int]:
         """[_stext, _etext) of vmlinux."""
@@ -298,24 +321,6 @@ class Kallsyms:
         if start is None or not self._core_text_end:
             raise InputError("kallsyms lacks _stext/_etext: is it a complete kallsyms file?")
         return start, self._core_text_end
-
-    def _function_at(self, i: int) -> Function:
-        obj = self._symbols.object(i)
-        start = self._addrs[i]
-        j = i + 1
-        # Aliases share an address; the extent runs to the next distinct address.
-        while j < len(self._addrs) and self._addrs[j] == start:
-            j += 1
-        if j < len(self._addrs) and self._symbols.object_ids[j] == self._symbols.object_ids[i]:
-            end = self._addrs[j]
-        elif obj == VMLINUX and self._core_text_end > start:
-            end = self._core_text_end
-        else:
-            end = start + _LAST_SYMBOL_SPAN
-            if j < len(self._addrs):
-                end = min(end, self._addrs[j])
-        return Function(self._symbols.name(i), obj, start, end)
-
 
 def _is_pseudo_module(obj: str) -> bool:
     return obj.startswith("__builtin__") or obj == "bpf"

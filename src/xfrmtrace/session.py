@@ -52,6 +52,48 @@ def bounded_callback(decode: Callable[[bytes], T], pending: list[T],
     return handle
 
 
+class _ModuleThread:
+    """Follows module loads and unloads on a thread of its own.
+
+    Re-reading kallsyms and resolving a module's sites take seconds under emulation (and
+    a while on any busy host); the tracing loop keeps draining events and reading netlink
+    meanwhile, so a namespace created during that time is followed before its SAs change.
+    Probe changes happen under ``lock``, as for the metrics thread.
+    """
+
+    def __init__(self, follower: Optional[ModuleFollower], tracer: Tracer,
+                 lock: threading.Lock, status: Callable[[str], None]) -> None:
+        self._follower, self._tracer, self._lock, self._status = follower, tracer, lock, status
+        self._done = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if follower is not None:
+            self._thread = threading.Thread(target=self._run, name="xfrmtrace-modules",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._follower is not None
+        while True:
+            with self._lock:
+                if self._done.is_set():
+                    return
+                try:
+                    self._follower.poll(self._tracer)
+                except Exception as err:  # noqa: BLE001 - tracing goes on without it
+                    log.debug("module following failed", exc_info=True)
+                    self._status(f"warning: modules loaded from now on are not followed "
+                                 f"({type(err).__name__}: {err})")
+                    return
+            if self._done.wait(_MODULE_POLL_S):
+                return
+
+    def stop(self) -> None:
+        """Wait for the work under way (probes being added) to finish, then stop."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class StopFlag(Protocol):
     stopped: bool
 
@@ -214,26 +256,19 @@ class TraceSession:
                 self._status(f"Serving metrics on {self._metrics.url}")
             if self._options.ready_file:
                 self._options.ready_file.write_text(f"{report.sites_attached}\n")
-            next_module_poll = time.monotonic()
-            # esp4/esp6 usually load with the first SA of a new namespace: follow that
-            # namespace before the module's sites are resolved (seconds under emulation),
-            # so its SA changes queue on a socket meanwhile instead of being missed.
-            follower = (ModuleFollower(self._modules, self._view, self._cache, self._status,
-                                       watcher.rescan if watcher else None)
-                        if self._modules is not None else None)
-            while not stop.stopped and (deadline is None or time.monotonic() < deadline):
-                fds = [tracer.fileno(), *(watcher.fds() if watcher else [])]
-                try:
-                    ready = set(select.select(fds, [], [], _POLL_MS / 1000)[0])
-                except InterruptedError:
-                    ready = set()
-                changes = watcher.poll(ready) if watcher else []
-                tracer.drain()
-                self._emit(watcher, changes)
-                if follower is not None and time.monotonic() >= next_module_poll:
-                    with self._lock:
-                        follower.poll(tracer)
-                    next_module_poll = time.monotonic() + _MODULE_POLL_S
+            modules = self._follow_modules(tracer)
+            try:
+                while not stop.stopped and (deadline is None or time.monotonic() < deadline):
+                    fds = [tracer.fileno(), *(watcher.fds() if watcher else [])]
+                    try:
+                        ready = set(select.select(fds, [], [], _POLL_MS / 1000)[0])
+                    except InterruptedError:
+                        ready = set()
+                    changes = watcher.poll(ready) if watcher else []
+                    tracer.drain()
+                    self._emit(watcher, changes)
+            finally:
+                modules.stop()
             with self._lock:
                 tracer.detach()
             while tracer.drain() == _STOP_DRAIN:  # events already queued are still delivered
@@ -247,6 +282,11 @@ class TraceSession:
             if watcher is not None:
                 watcher.close()
         return summary
+
+    def _follow_modules(self, tracer: Tracer) -> _ModuleThread:
+        return _ModuleThread(
+            ModuleFollower(self._modules, self._view, self._cache, self._status)
+            if self._modules is not None else None, tracer, self._lock, self._status)
 
     def metrics_snapshot(self) -> Optional[MetricsSnapshot]:
         """Exact counts from the kernel maps, for a metrics scrape (any thread)."""
