@@ -162,9 +162,11 @@ def _hot_findings(guest: Mapping[str, Any]) -> List[str]:
     entries = entry_functions(hot.get("tool_kprobes", []))
     profile = hot.get("profile") or {}
     if entries:
-        text = ("- On healthy traffic the tool pays for its entry probes: `xt_entry` records "
-                "the arguments of every function that holds counter sites, on every call. "
-                "Entry probes: " + ", ".join(f"`{e}`" for e in entries) + ".")
+        text = ("- On healthy traffic the tool pays for its argument probes: `xt_entry` "
+                "records the arguments of each function whose counter sites do not find them "
+                "in registers (`src/xfrmtrace/argregs.py`), every time the probe's point runs. "
+                "Probes at a function's entry: " + ", ".join(f"`{e}`" for e in entries)
+                + " (the others sit later in their function, after its early returns).")
         if "validate_xmit_xfrm" in entries:
             text += (" `validate_xmit_xfrm` is called from `validate_xmit_skb()` for every "
                      "packet any device transmits (Debian builds `CONFIG_XFRM_OFFLOAD`), so "
