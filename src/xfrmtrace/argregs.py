@@ -16,7 +16,8 @@ traffic.  Two ways around it, both decided from the disassembly:
   pointer at entry exactly as before (sp at the point + its depth).
 
 Both are conservative: anything the analysis cannot prove (indirect jumps, code it cannot
-reach, a register spilled and reloaded) falls back to recording at the entry.
+reach, a register spilled and reloaded, a static branch the kernel may flip) falls back to
+recording at the entry.
 """
 
 from __future__ import annotations
@@ -168,19 +169,49 @@ def _argument_registers_at(code: FunctionCode, i: int,
                  for slot in range(len(ARGUMENT_REGISTERS)))
 
 
+def _successors(code: FunctionCode, n: int) -> set[int]:
+    """Block n's successors, a jump within the function also falling through."""
+    block = code.blocks[n]
+    result = set(block.succs)
+    last = code.insns[block.last]
+    target = branch_target(last)
+    if last.mnemonic == "jmp" and target in code.index and block.last + 1 < len(code.insns) \
+            and last.address + last.size == code.insns[block.last + 1].address:
+        result.add(code.block_of[block.last + 1])
+    return result
+
+
+def _is_jump_label_nop(code: FunctionCode, i: int) -> bool:
+    """The 5- or 2-byte nop a disabled static branch is patched to (the ftrace hook at the
+    entry aside)."""
+    insn = code.insns[i]
+    return i > 1 and insn.mnemonic == "nop" and insn.size in (2, 5) and (
+        insn.op_str in ("dword ptr [rax + rax]", ""))
+
+
 def _dominators(code: FunctionCode) -> Optional[dict[int, frozenset[int]]]:
     """Block -> the blocks that dominate it, or None when the graph may be incomplete
-    (an indirect jump, or real code no known edge reaches: a jump table's targets)."""
+    (an indirect jump, or real code no known edge reaches: a jump table's targets).
+
+    The kernel rewrites static branches (jump labels) while it runs: a ``jmp`` may become
+    a nop and fall through, a nop may become a jump to where we cannot tell.  So every jump
+    within the function also falls through here, and a function holding a jump-label nop
+    gets no dominance at all: a record point must not be bypassable once a key flips.
+    """
     if any(block.indirect for block in code.blocks):
         return None
+    succs = {n: _successors(code, n) for n in range(len(code.blocks))}
     entry = code.block_of[0]
     reachable = {entry}
     work = [entry]
     while work:
-        for succ in code.blocks[work.pop()].succs:
+        for succ in succs[work.pop()]:
             if succ not in reachable:
                 reachable.add(succ)
                 work.append(succ)
+    if any(_is_jump_label_nop(code, i) for n in reachable
+           for i in range(code.blocks[n].first, code.blocks[n].last + 1)):
+        return None
     for n, block in enumerate(code.blocks):
         if n not in reachable and not all(code.insns[i].mnemonic in _PADDING
                                           for i in range(block.first, block.last + 1)):
@@ -195,7 +226,7 @@ def _dominators(code: FunctionCode) -> Optional[dict[int, frozenset[int]]]:
         for n in order:
             if n == entry:
                 continue
-            preds = [doms[p] for p in code.blocks[n].preds if p in reachable]
+            preds = [doms[p] for p in reachable if n in succs[p]]
             new = frozenset.intersection(*preds) | {n} if preds else frozenset({n})
             if new != doms[n]:
                 doms[n] = new
