@@ -425,10 +425,18 @@ def _recommendations(guest: Mapping[str, Any], offline: Optional[Mapping[str, An
                          "in one blob with offsets, and only the modules and functions "
                          "asked about decoded into objects; import pyroute2 only where "
                          "netlink is parsed (or parse the few XFRM messages directly).")
+    hot = guest.get("phases", {}).get("hotpath", {})
+    if entry_functions(hot.get("tool_kprobes", [])):
+        items.append("Fewer argument probes: the functions listed above still record their "
+                     "arguments with a kprobe on every call (their sites find the skb or flow "
+                     "in no register). Tracking arguments spilled to the stack, or fentry "
+                     "trampolines where the kernel allows them (5.11+ for module functions), "
+                     "would leave healthy ESP traffic without any probe hit.")
     if guest.get("phases", {}).get("startup"):
-        items.append("Start faster: fewer imports at start-up (pyroute2 and elftools only "
-                     "when needed), kallsyms parsed lazily or from the site cache (the cache "
-                     "already knows every site's function).")
+        items.append("Start faster: Python's start and imports are most of it under TCG "
+                     "(pyroute2 is the largest import; the few XFRM and tc messages could be "
+                     "parsed directly), then kallsyms and BTF; a warm start already loads no "
+                     "disassembler.")
     if not items:
         return []
     return lines + [f"{n}. {item}" for n, item in enumerate(items, 1)] + [""]
