@@ -152,7 +152,7 @@ def _hot_findings(guest: Mapping[str, Any]) -> List[str]:
     broad_probes = [c.get("kprobes_broad") for c in configs if c.get("kprobes_broad")]
     if tool_probes and broad_probes:
         lines.append(f"- Probes in place: {tool_probes[0]} kprobes with the tool (counter "
-                     f"sites and function entries), {broad_probes[0]} with the broad set "
+                     f"sites and argument probes), {broad_probes[0]} with the broad set "
                      f"({attached[0] if attached else '?'} of its "
                      f"{hot.get('broad_addresses', '?')} addresses attached). The broad "
                      f"probes fired {fmt(Spread.of(rates).median) if rates else '?'} times per "
