@@ -178,15 +178,22 @@ static __always_inline __u64 site_arg(const struct arg_source *src, int role)
 	return src->frame ? src->frame->args[slot] : 0;
 }
 
-/* True when a role the function has is not in a register at the site. */
+/*
+ * True when an argument the site reads is not in a register there.  dst and family only
+ * give a flow's family: without a flow they are never read (FunctionArgs.slots, in Python,
+ * decides the same way which functions need a recording probe).
+ */
 static __always_inline bool needs_frame(const struct xt_site_info *si,
 					const struct xt_func_info *fi)
 {
+	bool has_flow = fi->arg_slot[XT_ARG_FLOW] < 6;
 	int role;
 
 	for (role = 0; role < XT_ARG_NUM; role++) {
 		__u8 slot = fi->arg_slot[role];
 
+		if (!has_flow && (role == XT_ARG_DST || role == XT_ARG_FAMILY))
+			continue;
 		if (slot < 6 && si->arg_reg[slot] == XT_NO_REG)
 			return true;
 	}

@@ -188,6 +188,7 @@ def _check_event(event: dict, expect: scenarios.Expect, lab: dict) -> None:
     side_ns = cfg["ns_b"] if expect.side == "b" else cfg["ns_a"]
     assert event["netns_name"] == side_ns, event
     assert event["netns_verified"] is True, event
+    assert event["context_note"] is None, event  # packet context complete, from wherever
     assert event["mark"] == cfg["mark"], event
     assert event["family"] == expect.family, event
     assert ipaddress.ip_address(event["src"]) == ipaddress.ip_address(src), event
