@@ -264,8 +264,13 @@ class TraceSession:
                         ready = set(select.select(fds, [], [], _POLL_MS / 1000)[0])
                     except InterruptedError:
                         ready = set()
-                    changes = watcher.poll(ready) if watcher else []
                     tracer.drain()
+                    # Netlink after the ring buffer: a change the kernel queued before an
+                    # error happened is then read before that error is explained.  With
+                    # events pending every socket is read, not only those select() saw
+                    # ready: the change may have come after select() returned.
+                    changes = (watcher.poll(None if self._pending else ready)
+                               if watcher else [])
                     self._emit(watcher, changes)
             finally:
                 modules.stop()
