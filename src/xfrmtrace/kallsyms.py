@@ -60,11 +60,6 @@ class SymbolColumns:
             self.object_names.append(sys.intern(obj))
         return object_id
 
-    def add(self, addr: int, name: str, obj: str) -> None:
-        self.addrs.append(addr)
-        self.names.append(name.encode("utf-8", "surrogateescape"))
-        self.object_ids.append(self.object_id(obj))
-
 
 class SymbolTable:
     """Symbols ordered by (address, name, object), exact duplicates dropped, stored compactly.
