@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.kasm import Assembled, needs_binutils
-from xfrmtrace.discovery import _in_site_registers
-from xfrmtrace.model import FunctionArgs, RecordPoint
+from xfrmtrace.model import FunctionArgs, RecordPoint, in_registers
 
 pytestmark = needs_binutils
 
@@ -57,7 +56,7 @@ g:
 {FENTRY}"""))
     assert site.arg_regs[0] == "rbx"
     assert site.record is None
-    assert _in_site_registers(site, SKB)
+    assert in_registers(site.arg_regs, SKB)
 
 
 def test_ftrace_hook_is_not_a_clobbering_call(asm):
@@ -98,7 +97,7 @@ g:
 {FENTRY}""")
     site = _site(a)
     assert site.arg_regs[0] is None  # nor rdi: the call clobbers it
-    assert not _in_site_registers(site, SKB)
+    assert not in_registers(site.arg_regs, SKB)
     assert site.record is not None and site.record.registers[0] == "rbx"
     assert site.record.depth == 8
     assert a.read(a.symbols["f1"] + site.record.offset, 3) == bytes.fromhex("488b1b")

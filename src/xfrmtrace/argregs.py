@@ -23,9 +23,9 @@ recording at the entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
-from xfrmtrace.model import RecordPoint
+from xfrmtrace.model import RecordPoint, in_registers
 from xfrmtrace.sites import FunctionCode, branch_target, reaching_definitions, register_copy_source
 
 # x86-64 argument registers, in argument order.
@@ -45,10 +45,6 @@ class ArgumentPlan:
     site_registers: tuple[Optional[str], ...]  # argument slot -> register at every site
     record: Optional[RecordPoint]  # where to record the rest; None: at the function's entry
 
-    def covers(self, slots: Iterable[int]) -> bool:
-        """True when the sites find all of ``slots`` in their own registers."""
-        return all(self.site_registers[slot] is not None for slot in slots)
-
 
 def plan_arguments(code: FunctionCode, site_indices: list[int], needed: frozenset[int],
                    offsets: dict[int, Optional[int]]) -> ArgumentPlan:
@@ -56,7 +52,7 @@ def plan_arguments(code: FunctionCode, site_indices: list[int], needed: frozense
     invariant = invariant_registers(code, site_indices)
     registers = tuple(invariant.get(slot) for slot in range(len(ARGUMENT_REGISTERS)))
     plan = ArgumentPlan(registers, None)
-    if not needed or plan.covers(needed):
+    if not needed or in_registers(registers, needed):
         return plan
     plan.record = deepest_record_point(code, site_indices, needed, offsets)
     return plan

@@ -18,7 +18,7 @@ from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing
 from xfrmtrace.funcargs import function_args
 from xfrmtrace.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.ktext import TextReader, open_kcore, open_vmlinux, vmlinux_has_btf
-from xfrmtrace.model import FunctionArgs, Resolution, Site
+from xfrmtrace.model import FunctionArgs, Resolution, Site, in_registers
 from xfrmtrace.sitecache import SiteCache, kernel_build_id, module_build_id
 
 log = logging.getLogger("xfrmtrace.discovery")
@@ -196,7 +196,7 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
             args = roles.of(function, obj)
             if args is None:
                 continue
-            if all(_in_site_registers(site, args.slots) for site in its_sites):
+            if all(in_registers(site.arg_regs, args.slots) for site in its_sites):
                 args.record = None
             elif its_sites[0].record is not None:
                 args.record = its_sites[0].record
@@ -204,7 +204,3 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
     finally:
         roles.close()
     return result
-
-
-def _in_site_registers(site: Site, slots: frozenset[int]) -> bool:
-    return all(slot < len(site.arg_regs) and site.arg_regs[slot] is not None for slot in slots)

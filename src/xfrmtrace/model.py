@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 
 def code_location(function: str, offset: int, obj: str = "vmlinux") -> str:
     """``function+0xoff``, with ``[module]`` appended for module text: how sites are printed."""
     text = f"{function}+{offset:#x}"
     return text if obj == "vmlinux" else f"{text} [{obj}]"
+
+
+def in_registers(registers: tuple[Optional[str], ...], slots: Iterable[int]) -> bool:
+    """True when ``registers`` (argument slot -> register) names a register for every slot."""
+    return all(slot < len(registers) and registers[slot] is not None for slot in slots)
 
 
 @dataclass(frozen=True)
