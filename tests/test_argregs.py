@@ -144,11 +144,10 @@ g:
     assert site.arg_regs[0] is None
 
 
-def test_record_point_after_the_early_return(asm):
-    """``if (!xo) return skb;`` runs on every packet: the probe goes after it, where rbx holds
-    the skb and the stack depth is known."""
-    a = asm(f"""
-f1:{PROLOGUE}
+# ``if (!xo) return skb;`` then ``skb = skb->next`` before the site, with a place for a
+# static branch (jump label) before that.
+EARLY_RETURN = """
+f1:{prologue}
   push rbx
   mov rbx, rdi
   sub rsp, 0x18
@@ -156,7 +155,9 @@ f1:{PROLOGUE}
   je 9f
   mov rdi, qword ptr [rdi + 0x48]
   call g
+{branch}
   mov rbx, qword ptr [rbx]
+7:
   mov rax, qword ptr [rdi + 0x1b0]
   test eax, eax
   je 9f
@@ -167,7 +168,13 @@ f1:{PROLOGUE}
   ret
 g:
   ret
-{FENTRY}""")
+{fentry}"""
+
+
+def test_record_point_after_the_early_return(asm):
+    """``if (!xo) return skb;`` runs on every packet: the probe goes after it, where rbx holds
+    the skb and the stack depth is known."""
+    a = asm(EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY, branch=""))
     site = _site(a)
     assert site.arg_regs[0] is None  # rbx is overwritten before the site
     point = site.record
@@ -251,38 +258,11 @@ g:
     assert a.read(a.symbols["f1"] + site.record.offset, 1) == b"\xe8"  # `call g`, before it
 
 
-# The early-return shape of test_record_point_after_the_early_return, with a static branch
-# (jump label) before the site.  The kernel flips those while it runs: a record point must
-# stay on every path to the site whichever way they point.
-STATIC_BRANCH = """
-f1:{prologue}
-  push rbx
-  mov rbx, rdi
-  sub rsp, 0x18
-  cmp qword ptr [rdi + 0x40], 0
-  je 9f
-  mov rdi, qword ptr [rdi + 0x48]
-  call g
-{branch}
-  mov rbx, qword ptr [rbx]
-7:
-  mov rax, qword ptr [rdi + 0x1b0]
-  test eax, eax
-  je 9f
-  inc qword ptr gs:[rax + 0x20]
-9:
-  add rsp, 0x18
-  pop rbx
-  ret
-g:
-  ret
-{fentry}"""
-
-
 def test_disabled_static_branch_gives_up_the_record_point(asm):
-    """A jump label's 5-byte nop (the kernel's nop5) may become a jump to anywhere: no record
-    point."""
-    site = _site(asm(STATIC_BRANCH.format(prologue=PROLOGUE, fentry=FENTRY,
+    """The kernel flips static branches while it runs: a record point must stay on every path
+    to the site whichever way they point.  A jump label's 5-byte nop (the kernel's nop5) may
+    become a jump to anywhere: no record point."""
+    site = _site(asm(EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY,
                                           branch="  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00")))
     assert site.record is None
 
@@ -290,7 +270,7 @@ def test_disabled_static_branch_gives_up_the_record_point(asm):
 def test_enabled_static_branch_may_fall_through(asm):
     """``jmp 7f`` may turn into a nop: the block after it is a path to the site too, so the
     record point is the block both paths share (before the jump), not the jump's target."""
-    a = asm(STATIC_BRANCH.format(prologue=PROLOGUE, fentry=FENTRY, branch="  jmp 7f"))
+    a = asm(EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY, branch="  jmp 7f"))
     site = _site(a)
     assert site.record is not None
     assert a.read(a.symbols["f1"] + site.record.offset, 4) == bytes.fromhex("488b7f48")
