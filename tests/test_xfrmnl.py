@@ -208,6 +208,29 @@ def test_explanation_names_the_deleted_sa_and_what_came_since() -> None:
     assert "not followed" in explain(event, db).summary
 
 
+def test_replacement_read_in_the_same_batch_as_the_deletion_is_named() -> None:
+    """One netlink read gives every change in it the same time: an SA deleted and replaced
+    in one go (the classic rekeying mistake) must still show its replacement."""
+    db = XfrmDatabase()
+    for change in changes("sa-add-aead", at=0):
+        db.apply(change)
+    for name in ["sa-delete", "sa-add-expiring"]:
+        for change in changes(name, at=5_000_000_000):
+            db.apply(change)
+    event = XfrmErrorEvent(counter="XfrmInNoStates", netns=NETNS, context="skb",
+                           family="ipv4", src="10.9.0.1", dst="10.9.0.2", proto="esp",
+                           encap="esp", spi=0x1000, mark=0xD00, monotonic_ns=6 * 10**9)
+    exp = explain(event, db)
+    assert exp.summary.startswith("SA spi 0x1000 dst 10.9.0.2 was deleted")
+    assert exp.details == ["installed since: spi 0x4000 dst 10.9.0.3"]
+    # What came before the deletion, even at the same time, is not "since".
+    db = XfrmDatabase()
+    for name in ["sa-add-expiring", "sa-add-aead", "sa-delete"]:
+        for change in changes(name, at=5_000_000_000):
+            db.apply(change)
+    assert explain(event, db).details == ["no SA was installed since"]
+
+
 def test_out_no_states_explains_the_template_gap() -> None:
     db = XfrmDatabase()
     for name in ["policy-add", "sa-add-cbc-encap"]:

@@ -139,7 +139,7 @@ def _in_no_states(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState
     verb = "deleted" if gone.action == "deleted" else "removed by its hard lifetime"
     exp = Explanation(f"SA spi {gone.sa.spi:#x} dst {gone.sa.dst} was {verb} "
                       f"{_ago(gone, event)}", sas=[gone.sa], history=[gone])
-    since = db.changes_after(event.netns, gone.monotonic_ns, _sa_added)
+    since = db.changes_since(event.netns, gone, _sa_added)
     if since:
         listed = since[:MAX_LISTED]
         exp.details.append("installed since: " + "; ".join(

@@ -77,14 +77,14 @@ class XfrmDatabase:
                         if change.flushed_proto in (None, getattr(v, "proto", None))]:
                 del table[key]
 
-    def last_change(self, netns: int, match: Callable[[XfrmChange], bool],
-                    before_ns: Optional[int] = None) -> Optional[XfrmChange]:
+    def last_change(self, netns: int,
+                    match: Callable[[XfrmChange], bool]) -> Optional[XfrmChange]:
         """The most recent remembered change in ``netns`` that ``match`` accepts."""
         state = self._spaces.get(netns)
         if state is None:
             return None
         for change in reversed(state.history):
-            if (before_ns is None or change.monotonic_ns <= before_ns) and match(change):
+            if match(change):
                 return change
         return None
 
@@ -105,19 +105,21 @@ class XfrmDatabase:
         removals = state.removals_to.get(_address_key(dst)) if state and dst else None
         return removals[-1] if removals else None
 
-    def changes_after(self, netns: int, after_ns: int,
+    def changes_since(self, netns: int, since: XfrmChange,
                       match: Callable[[XfrmChange], bool]) -> list[XfrmChange]:
-        """Remembered changes newer than ``after_ns`` that ``match`` accepts, oldest first."""
+        """Remembered changes that arrived after ``since`` and that ``match`` accepts,
+        oldest first.  By arrival order, not by time: the changes read in one batch share
+        its time, and an SA deleted and replaced in one go must still show the replacement."""
         state = self._spaces.get(netns)
         if state is None:
             return []
         newer = []
-        for change in reversed(state.history):  # in arrival order: stop at the first older
-            if change.monotonic_ns <= after_ns:
+        for change in reversed(state.history):
+            if change is since:
                 break
             if match(change):
                 newer.append(change)
-        return newer[::-1]
+        return newer[::-1]  # all of the history, if ``since`` is older than what it keeps
 
 
 def _forget_removal(state: NamespaceState, change: XfrmChange) -> None:
