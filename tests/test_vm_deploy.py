@@ -76,7 +76,8 @@ def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
     data["out"] = out
     data["spec"] = spec
     report_line(request.config,
-                f"deploy {kernel.version:20s} total {result.seconds:4.0f} s: pod ready "
+                f"deploy {kernel.version:20s} total {result.seconds:4.0f} s{result.boot_note}: "
+                f"pod ready "
                 f"{data['pod'].get('ready_seconds')} s, scenarios "
                 f"{data['pod'].get('scenario_seconds')} s; zipapp ready "
                 f"{data['zipapp'].get('ready_seconds')} s")

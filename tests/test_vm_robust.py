@@ -49,7 +49,8 @@ def robust(request, tmp_path_factory) -> dict:
     data = json.loads((out / "results.json").read_text())
     summary = data["overflow"]["summary"] or {}
     report_line(request.config,
-                f"robust {kernel.version:20s} total {result.seconds:4.0f} s: burst "
+                f"robust {kernel.version:20s} total {result.seconds:4.0f} s{result.boot_note}: "
+                f"burst "
                 f"{data['burst']}, events {summary.get('events')}, lost {summary.get('lost')}; "
                 f"restart after SIGKILL ready in {data['sigkill'].get('restart_seconds')} s")
     return data

@@ -69,9 +69,9 @@ def run(request, tmp_path_factory) -> dict:
     data["pcap_path"] = str(out / "events.pcapng")
     boot = "?" if result.boot_seconds is None else f"{result.boot_seconds:.0f}"
     report_line(request.config,
-                f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s: boot {boot} s, "
-                f"tool ready {data.get('ready_seconds')} s, scenarios "
-                f"{data.get('scenario_seconds')} s, "
+                f"{series:5s} {kernel.version:24s} total {result.seconds:5.0f} s"
+                f"{result.boot_note}: boot {boot} s, tool ready {data.get('ready_seconds')} s, "
+                f"scenarios {data.get('scenario_seconds')} s, "
                 f"audit {data.get('audit', {}).get('seconds')} s, "
                 f"tool peak RSS {data.get('tool_peak_rss_kib', 0) // 1024} MiB")
     if data["audit_entries"] is not None:

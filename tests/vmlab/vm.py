@@ -57,6 +57,8 @@ START_MARKER = "@@vmlab: guest command starting"
 OUTPUT_FILE = "vm-output.txt"
 STATUS_FILE = "vm-exit-status"
 SCRIPT_FILE = "vm-run.sh"
+#: Boots tried when the kernel dies before the command starts (nothing of ours ran then).
+BOOT_ATTEMPTS = 2
 CONSOLE_FILE = "console.log"
 
 
@@ -70,8 +72,9 @@ class VmResult:
 
     ``returncode`` is the guest command's exit status, or None if the guest never reported one
     (timeout, kernel panic, the VM failed to start: see ``console_log``).  ``output`` is the
-    command's stdout and stderr only; ``seconds`` the wall time of the whole run and
-    ``boot_seconds`` the time until the command started (None if it never did).
+    command's stdout and stderr only; ``seconds`` the wall time of the whole run (failed
+    boots included) and ``boot_seconds`` the time until the command started (None if it
+    never did).
     """
 
     returncode: Optional[int]
@@ -80,11 +83,17 @@ class VmResult:
     boot_seconds: Optional[float]
     timed_out: bool
     console_log: Path
+    boot_failures: int = 0  # boots that died before the command started, then retried
 
     @property
     def ok(self) -> bool:
         """True if the guest command ran and exited 0."""
         return self.returncode == 0
+
+    @property
+    def boot_note(self) -> str:
+        """For the matrix report: a boot retried is said, never hidden."""
+        return f" (after {self.boot_failures} failed boot)" if self.boot_failures else ""
 
     def describe(self, tail: int = 40) -> str:
         """A summary for assertion messages: status, timings and the end of the console."""
@@ -94,7 +103,8 @@ class VmResult:
             lines = []
         return (
             f"guest exit status {self.returncode}, timed out {self.timed_out}, "
-            f"{self.seconds:.1f}s (boot {self.boot_seconds}s)\n"
+            f"{self.seconds:.1f}s (boot {self.boot_seconds}s, "
+            f"{self.boot_failures} failed boots retried)\n"
             f"--- guest output ---\n{self.output}\n"
             f"--- last {tail} console lines ({self.console_log}) ---\n" + "\n".join(lines[-tail:])
         )
@@ -240,6 +250,36 @@ def run_in_vm(
     host_env["PATH"] = f"{vng.parent}{os.pathsep}{host_env.get('PATH', '')}"
 
     console = rwdir / CONSOLE_FILE
+    boot_failures, seconds = 0, 0.0
+    while True:
+        boot, run_seconds, timed_out = _boot(argv, host_env, rwdir, console, timeout, echo)
+        seconds += run_seconds
+        if boot is not None or timed_out or boot_failures + 1 >= BOOT_ATTEMPTS:
+            break
+        # The kernel died before the command started, so nothing of ours ran yet: boot
+        # again, keeping the console.  Seen under TCG: an int3 oops while the kernel
+        # patched its own text during boot.
+        boot_failures += 1
+        kept = console.with_name(f"{CONSOLE_FILE}.boot-failure-{boot_failures}")
+        console.replace(kept)
+        sys.stderr.write(f"vmlab: the {kernel.version} guest died while booting "
+                         f"(console in {kept}); booting it again\n")
+
+    status_text = _read(rwdir / STATUS_FILE).strip()
+    return VmResult(
+        returncode=int(status_text) if status_text.lstrip("-").isdigit() else None,
+        output=_read(rwdir / OUTPUT_FILE),
+        seconds=seconds,
+        boot_seconds=boot,
+        timed_out=timed_out,
+        console_log=console,
+        boot_failures=boot_failures,
+    )
+
+
+def _boot(argv: Sequence[str], host_env: Mapping[str, str], rwdir: Path, console: Path,
+          timeout: float, echo: bool) -> tuple[Optional[float], float, bool]:
+    """One VM run: (seconds until the command started or None, seconds in all, timed out)."""
     started: Dict[str, float] = {}
     timed_out = False
     t0 = time.monotonic()
@@ -265,16 +305,7 @@ def run_in_vm(
         seconds = time.monotonic() - t0
         if timed_out:
             log.write(f"\n# vmlab: killed after {timeout:.0f}s timeout\n".encode())
-
-    status_text = _read(rwdir / STATUS_FILE).strip()
-    return VmResult(
-        returncode=int(status_text) if status_text.lstrip("-").isdigit() else None,
-        output=_read(rwdir / OUTPUT_FILE),
-        seconds=seconds,
-        boot_seconds=started.get("boot"),
-        timed_out=timed_out,
-        console_log=console,
-    )
+    return started.get("boot"), seconds, timed_out
 
 
 def _read(path: Path) -> str:
