@@ -46,7 +46,8 @@ class Assembled:
         off = addr - BASE
         return self.code[off:off + size] if 0 <= off < len(self.code) else b""
 
-    def resolve(self, needed_slots=None):
-        """Resolution of the text; ``needed_slots(function, object)`` as for SiteResolver."""
+    def resolve(self, needed_slots=None, jump_labels=None):
+        """Resolution of the text; ``needed_slots(function, object)`` and ``jump_labels``
+        as for SiteResolver."""
         return SiteResolver(self.read, self.syms, MIB_OFFSET, COUNTERS,
-                            needed_slots).resolve(["vmlinux"])
+                            needed_slots, jump_labels).resolve(["vmlinux"])

@@ -267,6 +267,37 @@ def test_disabled_static_branch_gives_up_the_record_point(asm):
     assert site.record is None
 
 
+NOP5 = bytes.fromhex("0f1f440000")
+
+
+def test_padding_nop_is_no_branch_when_the_jump_label_table_is_known(asm):
+    """Paravirt and alternative patching leave the same nop5: with the kernel's table
+    (jumplabels.py) a nop that is not in it is just a nop, and the record point stays."""
+    a = asm(EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY,
+                                branch="  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00"))
+    (site,) = a.resolve(lambda function, obj: SKB, jump_labels={}).sites
+    assert site.record is not None
+    assert a.read(a.symbols["f1"] + site.record.offset, 4) == bytes.fromhex("488b7f48")
+
+
+def test_static_branch_from_the_table_has_both_edges(asm):
+    """A static branch in the table, before the early return, jumping straight to the site's
+    block: the point after the early return no longer dominates the site, so the record
+    point moves up to the only block every path shares: the entry."""
+    text = EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY, branch="").replace(
+        "  cmp qword ptr [rdi + 0x40], 0",
+        "  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n  cmp qword ptr [rdi + 0x40], 0")
+    a = asm(text)
+    f1 = a.symbols["f1"]
+    nop = f1 + a.read(f1, 0x40).index(NOP5)
+    target = f1 + a.read(f1, 0x60).index(bytes.fromhex("488b87b0010000"))  # the `7:` block
+    (kept,) = a.resolve(lambda function, obj: SKB, jump_labels={}).sites
+    assert kept.record is not None and a.read(f1 + kept.record.offset, 4) == \
+        bytes.fromhex("488b7f48")
+    (site,) = a.resolve(lambda function, obj: SKB, jump_labels={nop: target}).sites
+    assert site.record is None  # recorded at the entry
+
+
 def test_enabled_static_branch_may_fall_through(asm):
     """``jmp 7f`` may turn into a nop: the block after it is a path to the site too, so the
     record point is the block both paths share (before the jump), not the jump's target."""

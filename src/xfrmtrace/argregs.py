@@ -166,9 +166,12 @@ def _argument_registers_at(code: FunctionCode, i: int,
 
 
 def _successors(code: FunctionCode, n: int) -> set[int]:
-    """Block n's successors, a jump within the function also falling through."""
+    """Block n's successors; without the jump label table a jump within the function
+    also falls through."""
     block = code.blocks[n]
     result = set(block.succs)
+    if code.jump_labels is not None:
+        return result  # the static branches are known and already have both edges
     last = code.insns[block.last]
     target = branch_target(last)
     if last.mnemonic == "jmp" and target in code.index and block.last + 1 < len(code.insns) \
@@ -190,9 +193,11 @@ def _dominators(code: FunctionCode) -> Optional[dict[int, frozenset[int]]]:
     (an indirect jump, or real code no known edge reaches: a jump table's targets).
 
     The kernel rewrites static branches (jump labels) while it runs: a ``jmp`` may become
-    a nop and fall through, a nop may become a jump to where we cannot tell.  So every jump
-    within the function also falls through here, and a function holding a jump-label nop
-    gets no dominance at all: a record point must not be bypassable once a key flips.
+    a nop and fall through, a nop may become a jump.  With the kernel's jump label table
+    (jumplabels.py) each static branch has both edges in the graph already.  Without it
+    every jump within the function also falls through here, and a function holding a nop
+    that may be a static branch gets no dominance at all: a record point must not be
+    bypassable once a key flips.
     """
     if any(block.indirect for block in code.blocks):
         return None
@@ -205,7 +210,7 @@ def _dominators(code: FunctionCode) -> Optional[dict[int, frozenset[int]]]:
             if succ not in reachable:
                 reachable.add(succ)
                 work.append(succ)
-    if any(_is_jump_label_nop(code, i) for n in reachable
+    if code.jump_labels is None and any(_is_jump_label_nop(code, i) for n in reachable
            for i in range(code.blocks[n].first, code.blocks[n].last + 1)):
         return None
     for n, block in enumerate(code.blocks):

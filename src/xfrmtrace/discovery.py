@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from xfrmtrace import counters as counters_mod
+from xfrmtrace import jumplabels
 from xfrmtrace.btf import Btf
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing
 from xfrmtrace.funcargs import function_args
@@ -160,8 +161,10 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
                     # Imported here: a warm start, all from the cache, loads no disassembler.
                     from xfrmtrace.sites import SiteResolver
 
+                    labels = jumplabels.read_table(view.syms.jump_table_range(),
+                                                   view.text.read, view.syms.core_text_range())
                     resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                                            view.model.counters, roles.slots)
+                                            view.model.counters, roles.slots, labels)
                 part = resolver.resolve([obj])
                 how = "resolved"
                 if cache and build_id:

@@ -195,9 +195,12 @@ def _order_aliases(addrs: array, names: list[bytes], object_ids: array,
 class Kallsyms:
     """Text symbols of the kernel and its modules, sorted by address."""
 
-    def __init__(self, symbols: SymbolColumns, core_text_end: int = 0) -> None:
-        """``symbols``: text symbols in any order."""
+    def __init__(self, symbols: SymbolColumns, core_text_end: int = 0,
+                 data: Optional[dict[str, int]] = None) -> None:
+        """``symbols``: text symbols in any order; ``data``: the vmlinux data symbols of
+        DATA_SYMBOLS that were found."""
         self._core_text_end = core_text_end
+        self._data = dict(data or {})
         # Where the symbols came from, so refresh_modules() re-reads the same file.
         self.source_path: Path = PROC_KALLSYMS
         self.sysfs: Optional[Path] = None
@@ -238,10 +241,11 @@ class Kallsyms:
     def _from_lines(cls, lines: Iterable[str], source: str,
                     sysfs: Optional[Path]) -> Kallsyms:
         symbols = SymbolColumns()
-        etext = _parse_lines(lines, source, symbols, _InitFilter(sysfs))
+        data: dict[str, int] = {}
+        etext = _parse_lines(lines, source, symbols, _InitFilter(sysfs), data)
         if not symbols:
             raise InputError(f"{source} has no text symbols: is it a kallsyms file?")
-        return cls(symbols, core_text_end=etext)
+        return cls(symbols, core_text_end=etext, data=data)
 
     def refresh_modules(self, modules: Iterable[str], path: Union[str, Path, None] = None,
                         sysfs: Optional[Path] = None) -> None:
@@ -310,6 +314,13 @@ class Kallsyms:
         i = table.index_of(name, obj)
         return None if i is None else table.addrs[i]
 
+    def jump_table_range(self) -> Optional[tuple[int, int]]:
+        """vmlinux's jump label table (``__start___jump_table`` up to its stop), if the
+        kallsyms has data symbols (CONFIG_KALLSYMS_ALL)."""
+        start = self._data.get("__start___jump_table")
+        stop = self._data.get("__stop___jump_table")
+        return (start, stop) if start and stop and start < stop else None
+
     def core_text_range(self) -> tuple[int, int]:
         """[_stext, _etext) of vmlinux."""
         start = self.address("_stext") or self.address("_text")
@@ -321,10 +332,14 @@ def _is_pseudo_module(obj: str) -> bool:
     return obj.startswith("__builtin__") or obj == "bpf"
 
 
+#: vmlinux data symbols worth keeping: where the jump label table is (jumplabels.py).
+DATA_SYMBOLS = frozenset({"__start___jump_table", "__stop___jump_table"})
+
+
 def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
-                 keep: _InitFilter) -> int:
-    """Add the text symbols of ``lines`` to ``symbols``; the address of vmlinux's _etext
-    (0 if absent)."""
+                 keep: _InitFilter, data: Optional[dict[str, int]] = None) -> int:
+    """Add the text symbols of ``lines`` to ``symbols``, and vmlinux's DATA_SYMBOLS to
+    ``data``; the address of vmlinux's _etext (0 if absent)."""
     etext = 0
     nonzero = False
     added = 0
@@ -335,7 +350,12 @@ def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
     for line in lines:
         parts = line.split()
         if len(parts) < 3 or parts[1] not in ("t", "T"):
-            continue  # only text symbols (_etext is one)
+            if data is not None and len(parts) == 3 and parts[2] in DATA_SYMBOLS:
+                try:
+                    data[parts[2]] = int(parts[0], 16)
+                except ValueError:
+                    pass
+            continue  # otherwise only text symbols (_etext is one)
         try:
             addr = int(parts[0], 16)
         except ValueError:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xfrmtrace.sitecache")
 
-FORMAT = 3  # bump when Site/AuditEntry or the resolver's rules change
+FORMAT = 4  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
 
 

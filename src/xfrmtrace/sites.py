@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import capstone
 from capstone import x86_const as X86
@@ -93,7 +93,9 @@ class FunctionCode:
     """Disassembly and control-flow graph of a function and its ``.cold`` parts."""
 
     def __init__(self, parts: list[tuple[Function, bytes]], lite: capstone.Cs,
-                 detail: capstone.Cs) -> None:
+                 detail: capstone.Cs, jump_labels: Optional[Mapping[int, int]] = None) -> None:
+        """``jump_labels``: static branch address -> target for the whole text, or None when
+        unknown (then any jump may fall through and any nop may jump: see argregs.py)."""
         self.entry = parts[0][0].start
         self.entry_end = self.entry + len(parts[0][1])  # end of the first part's bytes
         self._detail = detail
@@ -105,16 +107,21 @@ class FunctionCode:
             for address, size, mnemonic, op_str in lite.disasm_lite(code, func.start):
                 self.insns.append(_Insn(address, size, mnemonic, op_str))
         self.index = {insn.address: i for i, insn in enumerate(self.insns)}
+        self.jump_labels: Optional[dict[int, int]] = None
+        if jump_labels is not None:  # this function's static branches: both edges each
+            self.jump_labels = {insn.address: jump_labels[insn.address]
+                                for insn in self.insns if insn.address in jump_labels}
         self._build_blocks(part_starts)
         self._details: dict[int, capstone.CsInsn] = {}
 
     # CFG
     def _build_blocks(self, part_starts: list[int]) -> None:
         leaders = set(part_starts)
+        labels = self.jump_labels or {}
         for i, insn in enumerate(self.insns):
-            if _ends_block(insn):
+            if _ends_block(insn) or insn.address in labels:
                 leaders.add(i + 1)
-                target = branch_target(insn)
+                target = labels.get(insn.address, branch_target(insn))
                 if target is not None and target in self.index:
                     leaders.add(self.index[target])
         ordered = sorted(x for x in leaders if x < len(self.insns))
@@ -139,7 +146,15 @@ class FunctionCode:
         last = self.insns[block.last]
         m = last.mnemonic
         succs: list[int] = []
-        if m.startswith("j"):
+        label_target = (self.jump_labels or {}).get(last.address)
+        if label_target is not None:  # a static branch: either way, whatever it is now
+            if label_target in self.index:
+                succs.append(self.block_of[self.index[label_target]])
+            else:
+                block.indirect = True  # a target we do not see: no dominance
+            if self._contiguous(block.last):
+                succs.append(self.block_of[block.last + 1])
+        elif m.startswith("j"):
             target = branch_target(last)
             if target is None:
                 block.indirect = True
@@ -353,10 +368,13 @@ class SiteResolver:
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
                  counters: dict[int, str],
-                 needed_slots: Optional[Callable[[str, str], frozenset[int]]] = None) -> None:
+                 needed_slots: Optional[Callable[[str, str], frozenset[int]]] = None,
+                 jump_labels: Optional[Mapping[int, int]] = None) -> None:
         """``needed_slots(function, object)``: the argument positions events of that
-        function's sites read (from BTF); without it, arguments are recorded at entry."""
+        function's sites read (from BTF); without it, arguments are recorded at entry.
+        ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
         self._read = read
+        self._jump_labels = jump_labels
         self._syms = syms
         self._needed_slots = needed_slots
         self._mib_offset = mib_offset
@@ -426,7 +444,8 @@ class SiteResolver:
                 result.audit.append(self._entry(addr, OTHER, "function never loads "
                                                 "net->mib.xfrm_statistics"))
             return
-        code = FunctionCode(code_bytes, self._lite, self._detail)
+        code = FunctionCode(code_bytes, self._lite, self._detail,
+                            self._jump_labels if obj == VMLINUX else None)
         offsets: Optional[dict[int, Optional[int]]] = None
         first_site = len(result.sites)
         for addr in addrs:
