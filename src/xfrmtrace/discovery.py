@@ -103,12 +103,30 @@ def open_offline(vmlinux: Union[str, Path], kallsyms: Union[str, Path]) -> Kerne
     except BaseException:
         btf.close()
         raise
-    probe = syms.core_text_range()[0]
-    if not text.read(probe, 1):
+    try:
+        check_same_build(syms, text, str(kallsyms), str(vmlinux))
+    except InputError:
         text.close()
         btf.close()
-        raise InputError(f"{kallsyms} does not match {vmlinux}: _stext is not in its text")
+        raise
     return KernelView(syms, text, model, live=False, source=str(vmlinux))
+
+
+_BANNER = b"Linux version "
+
+
+def check_same_build(syms: Kallsyms, text: TextReader, kallsyms: str, vmlinux: str) -> None:
+    """InputError unless the kallsyms is from a running instance of this very vmlinux:
+    with another kernel's kallsyms every function would be read at the wrong place and
+    the sites found would be nonsense.  ``linux_banner`` (with data symbols) must hold the
+    version string in the file; at least ``_stext`` must be in its text."""
+    if not text.read(syms.core_text_range()[0], 1):
+        raise InputError(f"{kallsyms} does not match {vmlinux}: _stext is not in its text")
+    banner = syms.data_address("linux_banner")
+    if banner is not None and not text.read(banner, len(_BANNER)).startswith(_BANNER):
+        raise InputError(f"{kallsyms} is not from a running {vmlinux}: its linux_banner is "
+                         "not the version string in that file (give the /proc/kallsyms of "
+                         "that very build)")
 
 
 class ArgumentRoles:

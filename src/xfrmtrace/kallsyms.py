@@ -314,11 +314,15 @@ class Kallsyms:
         i = table.index_of(name, obj)
         return None if i is None else table.addrs[i]
 
+    def data_address(self, name: str) -> Optional[int]:
+        """Where one of vmlinux's DATA_SYMBOLS is, if the kallsyms lists data symbols
+        (CONFIG_KALLSYMS_ALL)."""
+        return self._data.get(name)
+
     def jump_table_range(self) -> Optional[tuple[int, int]]:
-        """vmlinux's jump label table (``__start___jump_table`` up to its stop), if the
-        kallsyms has data symbols (CONFIG_KALLSYMS_ALL)."""
-        start = self._data.get("__start___jump_table")
-        stop = self._data.get("__stop___jump_table")
+        """vmlinux's jump label table (``__start___jump_table`` up to its stop), if known."""
+        start = self.data_address("__start___jump_table")
+        stop = self.data_address("__stop___jump_table")
         return (start, stop) if start and stop and start < stop else None
 
     def core_text_range(self) -> tuple[int, int]:
@@ -332,8 +336,9 @@ def _is_pseudo_module(obj: str) -> bool:
     return obj.startswith("__builtin__") or obj == "bpf"
 
 
-#: vmlinux data symbols worth keeping: where the jump label table is (jumplabels.py).
-DATA_SYMBOLS = frozenset({"__start___jump_table", "__stop___jump_table"})
+#: vmlinux data symbols worth keeping: where the jump label table is (jumplabels.py)...
+DATA_SYMBOLS = frozenset({"__start___jump_table", "__stop___jump_table",
+                          "linux_banner"})  # and what tells one build from another
 
 
 def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
