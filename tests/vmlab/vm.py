@@ -19,6 +19,8 @@ Why the wrapping:
 - ``--rodir`` for the kernel tree: the guest mounts a fresh tmpfs over /var/cache, which hides
   the default lab cache, so modprobe would find no modules.
 - TCG only (``--disable-kvm``): KVM guests hang on this kind of machine (see ENVIRONMENT.md).
+- A kernel that dies before the command starts is booted once more (``BOOT_ATTEMPTS``):
+  under TCG a kernel now and then oopses on an int3 while patching its own text at boot.
 
 What the guest looks like (checked on 5.10, 6.1, 6.12 and 7.2 Debian kernels, virtme-ng 1.42):
 
