@@ -298,6 +298,17 @@ def test_static_branch_from_the_table_has_both_edges(asm):
     assert site.record is None  # recorded at the entry
 
 
+def test_table_that_disagrees_with_the_disassembly_is_not_used(asm):
+    """A static branch in the table that is not an instruction start here: the table and
+    the disassembly disagree, so the conservative rule applies (the nop may jump)."""
+    a = asm(EARLY_RETURN.format(prologue=PROLOGUE, fentry=FENTRY,
+                                branch="  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00"))
+    f1 = a.symbols["f1"]
+    inside_the_nop = f1 + a.read(f1, 0x40).index(NOP5) + 1
+    (site,) = a.resolve(lambda function, obj: SKB, jump_labels={inside_the_nop: f1}).sites
+    assert site.record is None
+
+
 def test_enabled_static_branch_may_fall_through(asm):
     """``jmp 7f`` may turn into a nop: the block after it is a path to the site too, so the
     record point is the block both paths share (before the jump), not the jump's target."""

@@ -15,9 +15,10 @@ conservative assumption.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import struct
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 log = logging.getLogger("xfrmtrace.jumplabels")
 
@@ -27,6 +28,19 @@ _ENTRY = struct.Struct("<iiq")
 _MIN_IN_TEXT = 0.9
 
 JumpLabels = dict[int, int]  # branch instruction address -> target address
+
+
+class LabelIndex:
+    """The table, with its branch addresses sorted to find those inside a function."""
+
+    def __init__(self, targets: Mapping[int, int]) -> None:
+        self.targets = targets
+        self._sorted = sorted(targets)
+
+    def within(self, start: int, end: int) -> list[int]:
+        """Branch addresses in [start, end)."""
+        lo = bisect.bisect_left(self._sorted, start)
+        return self._sorted[lo:bisect.bisect_left(self._sorted, end, lo)]
 
 
 def parse(data: bytes, base: int) -> JumpLabels:

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import capstone
 from capstone import x86_const as X86
 
+from xfrmtrace.jumplabels import LabelIndex
 from xfrmtrace.kallsyms import VMLINUX, Function, Kallsyms
 from xfrmtrace.model import DOUBTFUL, OTHER, XFRM, AuditEntry, Resolution, Site
 
@@ -93,7 +94,7 @@ class FunctionCode:
     """Disassembly and control-flow graph of a function and its ``.cold`` parts."""
 
     def __init__(self, parts: list[tuple[Function, bytes]], lite: capstone.Cs,
-                 detail: capstone.Cs, jump_labels: Optional[Mapping[int, int]] = None) -> None:
+                 detail: capstone.Cs, jump_labels: Optional[LabelIndex] = None) -> None:
         """``jump_labels``: static branch address -> target for the whole text, or None when
         unknown (then any jump may fall through and any nop may jump: see argregs.py)."""
         self.entry = parts[0][0].start
@@ -108,11 +109,22 @@ class FunctionCode:
                 self.insns.append(_Insn(address, size, mnemonic, op_str))
         self.index = {insn.address: i for i, insn in enumerate(self.insns)}
         self.jump_labels: Optional[dict[int, int]] = None
-        if jump_labels is not None:  # this function's static branches: both edges each
-            self.jump_labels = {insn.address: jump_labels[insn.address]
-                                for insn in self.insns if insn.address in jump_labels}
+        if jump_labels is not None:
+            self.jump_labels = self._static_branches(jump_labels)
         self._build_blocks(part_starts)
         self._details: dict[int, capstone.CsInsn] = {}
+
+    def _static_branches(self, jump_labels: LabelIndex) -> Optional[dict[int, int]]:
+        """This function's static branches and their targets (both edges each), or None if
+        one of them does not start an instruction as disassembled: the disassembly and the
+        kernel then disagree, and the conservative rule applies (argregs.py)."""
+        found = {}
+        for start, code in self._bytes:
+            for addr in jump_labels.within(start, start + len(code)):
+                if addr not in self.index:
+                    return None
+                found[addr] = jump_labels.targets[addr]
+        return found
 
     # CFG
     def _build_blocks(self, part_starts: list[int]) -> None:
@@ -374,7 +386,7 @@ class SiteResolver:
         function's sites read (from BTF); without it, arguments are recorded at entry.
         ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
         self._read = read
-        self._jump_labels = jump_labels
+        self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
         self._syms = syms
         self._needed_slots = needed_slots
         self._mib_offset = mib_offset
