@@ -32,6 +32,8 @@ from tests.vmlab import ipsec, kernels, scenarios, trace_run, vm  # noqa: E402
 
 PACKETS = 3
 GUEST_TOOLS = ("ip", "iptables", "ip6tables", "ping")
+# A kprobe at a function's entry sits at +0 or, after endbr64 (IBT kernels), at +4.
+ENTRY_PROBE_OFFSET = 4
 
 pytestmark = pytest.mark.vm
 
@@ -107,6 +109,16 @@ def test_argument_probes_only_where_sites_lack_registers(run: dict) -> None:
     assert found, run["stderr"]
     recording, unneeded = int(found.group(1)), int(found.group(2))
     assert recording > 0 and unneeded > 0
+
+
+def test_transmit_path_has_no_argument_probe_at_entry(run: dict) -> None:
+    """validate_xmit_xfrm runs for every packet any device sends: its argument probe must sit
+    after ``if (!xo) return skb;`` (argregs.py, with the kernel's jump label table), never at
+    its entry, or all traffic pays a probe hit."""
+    offsets = [int(probe.split()[2].split("+")[1], 16) for probe in run["kprobes_while_tracing"]
+               if probe.split()[2].startswith("validate_xmit_xfrm+")]
+    assert offsets, "no probe in validate_xmit_xfrm"
+    assert min(offsets) > ENTRY_PROBE_OFFSET, sorted(offsets)
 
 
 def test_event_counts_equal_proc_counters(run: dict) -> None:
