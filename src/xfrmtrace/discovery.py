@@ -179,8 +179,12 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
                     # Imported here: a warm start, all from the cache, loads no disassembler.
                     from xfrmtrace.sites import SiteResolver
 
-                    labels = jumplabels.read_table(view.syms.jump_table_range(),
-                                                   view.text.read, view.syms.core_text_range())
+                    # Only vmlinux's functions use the table: a module loaded while tracing
+                    # does not read and parse it again.
+                    labels = (jumplabels.read_table(view.syms.jump_table_range(),
+                                                    view.text.read,
+                                                    view.syms.core_text_range())
+                              if VMLINUX in names else None)
                     resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
                                             view.model.counters, roles.slots, labels)
                 part = resolver.resolve([obj])
