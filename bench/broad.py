@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from xfrmtrace import abi
-from xfrmtrace.libbpf import BpfObject
-from xfrmtrace.tracer import BPF_OBJECT, TraceConfig
+from xfrmtrace.bpf import abi
+from xfrmtrace.bpf.objects import BpfObject
+from xfrmtrace.trace.tracer import BPF_OBJECT, TraceConfig
 
 
 def unknown_site_hits(obj: BpfObject) -> int:

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from bench import stats
-from tests.vmlab import ipsec
-from tests.vmlab.ipsec import Lab, LabConfig
-from tests.vmlab.nsutil import entered
-from tests.vmlab.trace_run import SITE_MODULES, fast_capstone_env, kprobes, loaded_modules
+from vmlab.guest import ipsec
+from vmlab.guest.ipsec import Lab, LabConfig
+from vmlab.guest.nsutil import entered
+from vmlab.guest.tool import SITE_MODULES, fast_capstone_env, kprobes, loaded_modules
 
 WORK = Path("/dev/shm/xfrmtrace-bench")
 READY_TIMEOUT = 900.0

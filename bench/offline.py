@@ -91,11 +91,11 @@ class _CutKallsyms:
 def time_growth(vmlinux: Path, kallsyms: Path, repeats: int,
                 fractions: Sequence[float] = FRACTIONS) -> List[Dict[str, Any]]:
     """Resolver seconds for growing prefixes of vmlinux text."""
-    from xfrmtrace import discovery
-    from xfrmtrace.kallsyms import VMLINUX
-    from xfrmtrace.sites import SiteResolver
+    from xfrmtrace.kernel.kallsyms import VMLINUX
+    from xfrmtrace.kernel.view import open_offline
+    from xfrmtrace.resolve.sites import SiteResolver
 
-    view = discovery.open_offline(vmlinux, kallsyms)
+    view = open_offline(vmlinux, kallsyms)
     rows = []
     try:
         start, end = view.syms.core_text_range()
@@ -131,17 +131,17 @@ capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 steps.append(("+ capstone (libcapstone.so mapped)", rss()))
 import elftools.elf.elffile
 steps.append(("+ pyelftools", rss()))
-import xfrmtrace.cli, xfrmtrace.output.jsonl, xfrmtrace.discovery, xfrmtrace.tracer
+import xfrmtrace.cli, xfrmtrace.output.jsonl, xfrmtrace.resolve.discovery, xfrmtrace.trace.tracer
 steps.append(("+ xfrmtrace's own modules", rss()))
 import pyroute2
 steps.append(("+ pyroute2 (netlink follower)", rss()))
 import xfrmtrace.session
-from xfrmtrace.btf import Btf
+from xfrmtrace.bpf.btf import Btf
 btf = Btf.from_file(sys.argv[1])
-from xfrmtrace import discovery
-discovery.kernel_model(btf)
+from xfrmtrace.kernel.view import kernel_model
+kernel_model(btf)
 steps.append(("+ vmlinux BTF and counter model", rss()))
-from xfrmtrace.kallsyms import Kallsyms
+from xfrmtrace.kernel.kallsyms import Kallsyms
 syms = Kallsyms.load(sys.argv[2])
 steps.append(("+ the guest's kallsyms (%d text symbols)" % len(list(syms.functions())), rss()))
 print(json.dumps(steps))

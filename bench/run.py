@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench import offline, report
+from bench.notes import notes_sections
+from vmlab.host import kernels, vm
 
-from bench import offline, report  # noqa: E402
-from bench.notes import notes_sections  # noqa: E402
-from tests.vmlab import kernels, vm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GUEST_TOOLS = ("iperf3", "trafgen", "bpftrace", "zstd", "ip", "iptables")
 PYCACHE = "/dev/shm/xfrmtrace-bench-pycache"
@@ -101,7 +99,7 @@ def missing_tools() -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
-    parser.add_argument("--kernel", default="6.12", help="kernel series (tests/vmlab/kernels.py)")
+    parser.add_argument("--kernel", default="6.12", help="kernel series (vmlab/host/kernels.py)")
     parser.add_argument("--phases", default="warmup,resolver,startup,hotpath,storm")
     parser.add_argument("--rounds", type=int, default=4, help="hot path: ABC rounds")
     parser.add_argument("--seconds", type=int, default=5, help="hot path: seconds per iperf3 run")

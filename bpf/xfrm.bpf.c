@@ -110,7 +110,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);
+	__uint(max_entries, XT_RINGBUF_DEFAULT);	/* resized before load */
 } events SEC(".maps");
 
 static __always_inline void stat_inc(__u32 which)
@@ -179,9 +179,9 @@ static __always_inline __u64 site_arg(const struct arg_source *src, int role)
 }
 
 /*
- * True when an argument the site reads is not in a register there.  dst and family only
- * give a flow's family: without a flow they are never read (FunctionArgs.slots, in Python,
- * decides the same way which functions need a recording probe).
+ * True when an argument the site reads is not in a register there.  The flow-only roles
+ * are never read without a flow (FunctionArgs.slots, in Python, applies the same
+ * XT_FLOW_ONLY_ROLES to decide which functions need a recording probe).
  */
 static __always_inline bool needs_frame(const struct xt_site_info *si,
 					const struct xt_func_info *fi)
@@ -192,7 +192,7 @@ static __always_inline bool needs_frame(const struct xt_site_info *si,
 	for (role = 0; role < XT_ARG_NUM; role++) {
 		__u8 slot = fi->arg_slot[role];
 
-		if (!has_flow && (role == XT_ARG_DST || role == XT_ARG_FAMILY))
+		if (!has_flow && (XT_FLOW_ONLY_ROLES >> role) & 1)
 			continue;
 		if (slot < 6 && si->arg_reg[slot] == XT_NO_REG)
 			return true;

@@ -22,6 +22,7 @@
 #define XT_NO_REG		0xff	/* "no register" in site/function info */
 #define XT_NO_ARG		0xff	/* "no argument" in function info */
 #define XT_DEPTH_UNKNOWN	(-1)
+#define XT_RINGBUF_DEFAULT	(4 << 20)	/* ring buffer bytes unless configured */
 
 /* Registers, numbered as the 64-bit slots of x86-64 struct pt_regs. */
 enum xt_reg {
@@ -80,6 +81,12 @@ enum xt_arg_role {
 	XT_ARG_FAMILY = 5,	/* unsigned short family */
 	XT_ARG_NUM = 8,
 };
+
+/*
+ * Roles that only give a flow's address family: read (and needed in a frame) only when
+ * the function also has a struct flowi * argument.
+ */
+#define XT_FLOW_ONLY_ROLES	((1U << XT_ARG_DST) | (1U << XT_ARG_FAMILY))
 
 /* Value of map "sites", keyed by the probe address (u64). */
 struct xt_site_info {

@@ -1,4 +1,4 @@
-"""``xfrmtrace.abi`` against ``bpf/xfrm.h``: compiled by gcc, and as BTF of the built BPF object.
+"""``xfrmtrace.bpf.abi`` against ``bpf/xfrm.h``: compiled by gcc, and as BTF of the built object.
 
 The header is parsed here (names of structs, fields, enums and #defines), then a generated C
 program prints what the compiler makes of each name.  Nothing is taken from abi.py's own
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import pytest
 
-from xfrmtrace import abi
+from xfrmtrace.bpf import abi
 from xfrmtrace.errors import XfrmtraceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,9 +230,9 @@ def load_btf() -> object:
     if not BPF_OBJECT.exists():
         pytest.skip(f"{BPF_OBJECT.relative_to(ROOT)} is not built yet (run `make bpf`)")
     try:
-        from xfrmtrace.btf import Btf
+        from xfrmtrace.bpf.btf import Btf
     except ImportError as err:
-        pytest.skip(f"xfrmtrace.btf is not available yet: {err}")
+        pytest.skip(f"xfrmtrace.bpf.btf is not available yet: {err}")
     return Btf.from_file(str(BPF_OBJECT))
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kasm import Assembled, needs_binutils
-from xfrmtrace.model import FunctionArgs, RecordPoint, in_registers
+from tests.support.kasm import Assembled, needs_binutils
+from xfrmtrace.bpf.abi import XtArgRole
+from xfrmtrace.resolve.model import FunctionArgs, RecordPoint, in_registers
 
 pytestmark = needs_binutils
 
@@ -222,8 +223,9 @@ f1:{PROLOGUE}
 
 def test_flow_family_slots_only_with_a_flow():
     """dst and family only give a flow's family: a function with an skb does not need them."""
-    with_skb = FunctionArgs("f", 0, skb=2, family=3)
-    with_flow = FunctionArgs("g", 0, flow=2, dst=1, family=3)
+    with_skb = FunctionArgs("f", 0, positions={XtArgRole.SKB: 2, XtArgRole.FAMILY: 3})
+    with_flow = FunctionArgs("g", 0, positions={XtArgRole.FLOW: 2, XtArgRole.DST: 1,
+                                                XtArgRole.FAMILY: 3})
     assert with_skb.slots == {2}
     assert with_flow.slots == {1, 2, 3}
     assert with_skb.record == RecordPoint(0, 0, ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench import notes, report, stats
+from bench.offline import _CutKallsyms
 
-from bench import notes, report, stats  # noqa: E402
-from bench.offline import _CutKallsyms  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- statistics and formatting -------------------------------------------------------------
 
@@ -277,7 +274,7 @@ def test_kallsyms_text_sizes() -> None:
 
 
 def test_cut_kallsyms_ends_vmlinux_text_early() -> None:
-    from xfrmtrace.kallsyms import Kallsyms
+    from xfrmtrace.kernel.kallsyms import Kallsyms
 
     syms = Kallsyms.parse("ffffffff81000000 T _stext\nffffffff81000100 T f\n"
                           "ffffffff81001000 T _etext\n")

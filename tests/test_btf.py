@@ -18,8 +18,8 @@ from typing import Any, Iterator, NamedTuple, Optional
 import pytest
 
 from tests.bpf import selftest
-from xfrmtrace import btf as btf_mod
-from xfrmtrace.btf import Btf, BtfKind, Param, VarLocation
+from xfrmtrace.bpf import btf as btf_mod
+from xfrmtrace.bpf.btf import Btf, BtfKind, Param, VarLocation
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing, LibbpfError
 
 VMLINUX = Path(btf_mod.VMLINUX_BTF_PATH)
@@ -29,7 +29,7 @@ def _why_no_kernel_btf() -> Optional[str]:
     if not VMLINUX.exists():
         return f"{VMLINUX} missing: this kernel has no BTF"
     try:
-        from xfrmtrace.libbpf import api
+        from xfrmtrace.bpf.objects import api
         api()
     except LibbpfError as exc:
         return str(exc)

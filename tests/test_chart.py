@@ -5,7 +5,7 @@ rendered objects against the Kubernetes 1.25 (the chart's minimum) and 1.34 sche
 (kubernetes-validate, offline), least privilege on the DaemonSet, and the tool's command line
 implied by the values.  Then the values schema, NOTES.txt and ``helm package``.
 
-helm comes from tests/k8stools.py (downloaded once into the lab cache); when it cannot be
+helm comes from tests/support/k8stools.py (downloaded once into the lab cache); when it cannot be
 fetched these tests fail rather than skip, so CI notices.
 """
 
@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8stools import CHART, daemonset_pod_spec, helm, render_chart, template_args
+from tests.support.k8stools import CHART, daemonset_pod_spec, helm, render_chart, template_args
 
 CI_DIR = CHART / "ci"
 SCENARIOS = {p.name[: -len("-values.yaml")]: p for p in sorted(CI_DIR.glob("*-values.yaml"))}

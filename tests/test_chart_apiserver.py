@@ -1,6 +1,6 @@
 """The Helm chart against a real API server: ``helm install``, read back, ``helm uninstall``.
 
-tests/kubeapi.py builds kube-apiserver from Debian bookworm's ``kubernetes`` source package
+tests/support/kubeapi.py builds kube-apiserver from Debian bookworm's ``kubernetes`` source package
 (once, several minutes; cached in the lab cache) and runs it on etcd.  That source is
 Kubernetes 1.20.2, **older than the chart's supported minimum** (``kubeVersion: >=1.25.0-0``),
 so helm would refuse it: the tests install a copy of the chart whose Chart.yaml has only that
@@ -34,8 +34,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.k8stools import CHART, daemonset_pod_spec, helm
-from tests.kubeapi import KUBE_VERSION, ApiError, ApiServer, api_server
+from tests.support.k8stools import CHART, daemonset_pod_spec, helm
+from tests.support.kubeapi import KUBE_VERSION, ApiError, ApiServer, api_server
 
 NAMESPACE = "kube-system"
 RELEASE = "xfrmtrace"

@@ -22,7 +22,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.distbuild import CONSTRAINTS, REPO, build_zipapp
+from tests.support.distbuild import CONSTRAINTS, REPO, build_zipapp
 from xfrmtrace import __version__
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -176,7 +176,7 @@ def test_packed_distributions_are_exactly_the_pins(pyz: Path) -> None:
 
 CHECK_EXTRACTED = r"""
 import importlib, os, pkgutil, sys
-import capstone, xfrmtrace, xfrmtrace.tracer as tracer
+import capstone, xfrmtrace, xfrmtrace.trace.tracer as tracer
 root = os.environ["SHIV_ROOT"]
 assert tracer.BPF_OBJECT.is_file() and str(tracer.BPF_OBJECT).startswith(root), tracer.BPF_OBJECT
 assert str(capstone._path).startswith(root), capstone._path

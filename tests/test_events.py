@@ -1,4 +1,4 @@
-"""``xfrmtrace.events``: raw ``struct xt_event`` records to ``XfrmErrorEvent``."""
+"""``xfrmtrace.decode.events``: raw ``struct xt_event`` records to ``XfrmErrorEvent``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dataclasses
 from typing import List
 
 import pytest
-from fixtures.eventdata import (
+
+from tests.fixtures.eventdata import (
     MONO_NS,
     NETNS,
     SITES,
@@ -17,16 +18,15 @@ from fixtures.eventdata import (
     packet,
     raw_event,
 )
-
-from xfrmtrace import abi
-from xfrmtrace.errors import DecodeError, XfrmtraceError
-from xfrmtrace.events import (
+from xfrmtrace.bpf import abi
+from xfrmtrace.decode.events import (
     NOTE_FLOW_FAMILY,
     NOTE_FROM_DATA,
     NOTE_NO_CONTEXT,
     EventDecoder,
     XfrmErrorEvent,
 )
+from xfrmtrace.errors import DecodeError, XfrmtraceError
 
 
 def ipv4_bytes(text: str) -> List[int]:

@@ -20,23 +20,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from fixtures.eventdata import COUNTER_NAMES, SITES, decoder
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from xfrmtrace import abi, report
+from tests.fixtures.eventdata import COUNTER_NAMES, SITES, decoder
+from xfrmtrace.bpf import abi
+from xfrmtrace.context.xfrmnl import changes as xfrm_changes
+from xfrmtrace.context.xfrmnl.changes import XfrmChange
+from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
+from xfrmtrace.context.xfrmnl.socket import XfrmSocket, parse, split_messages
+from xfrmtrace.context.xfrmnl.tc import TC_MESSAGES, TcSocket
+from xfrmtrace.decode.events import CONTEXT_NAMES, XfrmErrorEvent
+from xfrmtrace.decode.packet import ETH_P_IP, ETH_P_IPV6, PacketInfo, decode_packet
 from xfrmtrace.errors import DecodeError, InputError, PermissionProblem
-from xfrmtrace.events import CONTEXT_NAMES, XfrmErrorEvent
-from xfrmtrace.kallsyms import Kallsyms
+from xfrmtrace.kernel.kallsyms import Kallsyms
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
-from xfrmtrace.packet import ETH_P_IP, ETH_P_IPV6, PacketInfo, decode_packet
-from xfrmtrace.report_html import write_html
-from xfrmtrace.xfrmnl import changes as xfrm_changes
-from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.socket import XfrmSocket, parse, split_messages
-from xfrmtrace.xfrmnl.tc import TC_MESSAGES, TcSocket
-from xfrmtrace.xfrmnl.watch import XfrmWatcher
+from xfrmtrace.report import reader as report
+from xfrmtrace.report.html import write_html
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NETNS = 4026532999
@@ -322,7 +323,7 @@ def test_every_truncation_of_a_datagram(name: str) -> None:
         found, logs = account(data[:cut])
         whole = [i for i, (o, n, _t) in enumerate(messages) if o + n <= cut]
         assert [same(c) for c in found] == [c for i in whole for c in expected[i]], cut
-        warned = [r for r in logs if r.name == "xfrmtrace.xfrmnl"]
+        warned = [r for r in logs if r.name == "xfrmtrace.context.xfrmnl"]
         assert bool(warned) == (cut not in boundaries), (cut, [r.getMessage() for r in logs])
 
 

@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 
 import pytest
 
-from tests.distbuild import CONSTRAINTS, REPO
-from tests.dockerfile import apt_installs, copy_sources, ignored, read_dockerfile
+from tests.support.distbuild import CONSTRAINTS, REPO
+from tests.support.dockerfile import apt_installs, copy_sources, ignored, read_dockerfile
 from xfrmtrace import __version__
 
 RUNTIME_PACKAGES = {"python3", "libbpf1"}
@@ -211,9 +211,9 @@ def _hash_based_pyc(path: Path) -> bool:
 
 def test_dockerfile_in_debian_chroots(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Without a container engine: every stage on a mmdebstrap'd rootfs with the packages its
-    apt-get line names, the other instructions emulated (tests/dockerfile.py); then the
+    apt-get line names, the other instructions emulated (tests/support/dockerfile.py); then the
     entrypoint runs in the final stage's rootfs, which has python3 and libbpf1 only."""
-    from tests.dockerfile import ChrootBuild
+    from tests.support.dockerfile import ChrootBuild
 
     if working_engine()[0] is not None:
         pytest.skip("a container engine works: test_image_builds_and_runs builds the image")
@@ -236,7 +236,7 @@ def test_dockerfile_in_debian_chroots(tmp_path_factory: pytest.TempPathFactory) 
         assert proc.stdout.strip() == f"xfrmtrace {__version__}"
         # libbpf.so.1 from the runtime stage's libbpf1, loaded by the tool's binding.
         proc = build.run(final, ["python3", "-c",
-                                 "from xfrmtrace import libbpf; print(*libbpf.libbpf_version())"])
+                                 "from xfrmtrace.bpf import ffi; print(*ffi.libbpf_version())"])
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[0] == "1"
         if not KPROBE_PMU.exists():

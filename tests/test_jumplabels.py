@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from xfrmtrace import jumplabels
-from xfrmtrace.kallsyms import Kallsyms
+from xfrmtrace.kernel import jumplabels
+from xfrmtrace.kernel.kallsyms import Kallsyms
 
 TEXT = (0xFFFFFFFF81000000, 0xFFFFFFFF82000000)
 TABLE = 0xFFFFFFFF82600000

@@ -25,9 +25,9 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from tests.bpf import selftest
-from xfrmtrace import libbpf
+from xfrmtrace.bpf import ffi
+from xfrmtrace.bpf.objects import BpfObject, KprobeOpts, RingBuffer, kprobe_pmu_available
 from xfrmtrace.errors import BtfLookupError, LibbpfError, VerifierError
-from xfrmtrace.libbpf import BpfObject, KprobeOpts, RingBuffer
 
 SelftestCfg = selftest.SelftestCfg
 SelftestEvent = selftest.SelftestEvent
@@ -42,7 +42,7 @@ needs_bpf = pytest.mark.skipif(selftest.why_not_loadable() is not None,
 
 def _libbpf_missing() -> Optional[str]:
     try:
-        libbpf.api()
+        ffi.api()
     except LibbpfError as exc:
         return str(exc)
     return None
@@ -103,7 +103,7 @@ def _record_syscalls(obj: BpfObject, count: int) -> list[Any]:
 
 def test_import_needs_no_libbpf_and_missing_library_is_one_actionable_line() -> None:
     code = textwrap.dedent("""
-        import xfrmtrace.libbpf as lb, xfrmtrace.btf
+        import xfrmtrace.bpf.ffi as lb, xfrmtrace.bpf.objects, xfrmtrace.bpf.btf
         assert lb._api is None, "importing must not load libbpf"
         try:
             lb.api()
@@ -112,7 +112,7 @@ def test_import_needs_no_libbpf_and_missing_library_is_one_actionable_line() -> 
         else:
             raise SystemExit("api() should have failed")
         try:
-            xfrmtrace.btf.Btf.vmlinux()
+            xfrmtrace.bpf.btf.Btf.vmlinux()
         except lb.LibbpfError:
             print("btf: LibbpfError")
     """)
@@ -129,20 +129,20 @@ def test_import_needs_no_libbpf_and_missing_library_is_one_actionable_line() -> 
 
 def test_too_old_library_reports_found_version() -> None:
     with pytest.raises(LibbpfError) as info:
-        libbpf._check_version("libbpf.so.1", 0, 8)
+        ffi._check_version("libbpf.so.1", 0, 8)
     assert "libbpf 0.8" in str(info.value) and ">= 1.0" in str(info.value)
-    libbpf._check_version("libbpf.so.1", 1, 0)
+    ffi._check_version("libbpf.so.1", 1, 0)
 
 
 @needs_libbpf
 def test_prototype_helper_refuses_unknown_symbols_and_sets_argtypes() -> None:
-    lib = ctypes.CDLL(libbpf.LIBBPF_SONAME)
+    lib = ctypes.CDLL(ffi.LIBBPF_SONAME)
     with pytest.raises(LibbpfError, match="bpf_objekt__open_file"):
-        libbpf._fn(lib, "bpf_objekt__open_file", ctypes.c_void_p, ctypes.c_char_p)
-    func = libbpf._fn(lib, "bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+        ffi._fn(lib, "bpf_objekt__open_file", ctypes.c_void_p, ctypes.c_char_p)
+    func = ffi._fn(lib, "bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
     assert func.argtypes == [ctypes.c_int, ctypes.c_void_p]
-    for name, _restype, argtypes in libbpf._LIBBPF_PROTOTYPES:
-        assert getattr(libbpf.api(), name).argtypes == list(argtypes), name
+    for name, _restype, argtypes in ffi._LIBBPF_PROTOTYPES:
+        assert getattr(ffi.api(), name).argtypes == list(argtypes), name
 
 
 @needs_libbpf
@@ -153,8 +153,8 @@ def test_version_matches_installed_headers() -> None:
     text = header.read_text()
     major = int(text.split("LIBBPF_MAJOR_VERSION")[1].split()[0])
     minor = int(text.split("LIBBPF_MINOR_VERSION")[1].split()[0])
-    assert libbpf.libbpf_version() == (major, minor)
-    assert libbpf.libbpf_version() >= (1, 0)
+    assert ffi.libbpf_version() == (major, minor)
+    assert ffi.libbpf_version() >= (1, 0)
 
 
 @needs_libbpf
@@ -300,7 +300,7 @@ def test_map_update_lookup_delete_keys(loaded: BpfObject) -> None:
 @needs_bpf
 def test_percpu_map_values_per_cpu(loaded: BpfObject) -> None:
     counts = loaded.map("syscall_counts")
-    ncpus = libbpf.num_possible_cpus()
+    ncpus = ffi.num_possible_cpus()
     assert ncpus >= 1
     with pytest.raises(ValueError, match="per-CPU"):
         counts.lookup(ZERO_KEY)
@@ -444,7 +444,7 @@ def test_attach_before_load_is_refused(selftest_obj_path: Path) -> None:
 
 
 def _kernel_has_kprobes() -> bool:
-    return libbpf.kprobe_pmu_available() or any(
+    return kprobe_pmu_available() or any(
         Path(d, "kprobe_events").exists()
         for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
 

@@ -6,12 +6,17 @@ import socket
 import urllib.request
 
 import pytest
-from fixtures.eventdata import SITES
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.eventdata import SITES
 from xfrmtrace import __version__
 from xfrmtrace.errors import InputError
-from xfrmtrace.metrics import MetricsServer, MetricsSnapshot, error_counts, parse_listen_address
+from xfrmtrace.output.metrics import (
+    MetricsServer,
+    MetricsSnapshot,
+    error_counts,
+    parse_listen_address,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

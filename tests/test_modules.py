@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from xfrmtrace.errors import InputError
-from xfrmtrace.kallsyms import Kallsyms
-from xfrmtrace.modules import ModuleWatcher, read_modules
+from xfrmtrace.kernel.kallsyms import Kallsyms
+from xfrmtrace.kernel.modules import ModuleWatcher, read_modules
 
 MODULES = """\
 veth 36864 0 - Live 0xffffffffc0300000

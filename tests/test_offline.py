@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from xfrmtrace.discovery import check_same_build
 from xfrmtrace.errors import InputError
-from xfrmtrace.kallsyms import Kallsyms
-from xfrmtrace.ktext import open_vmlinux
+from xfrmtrace.kernel.kallsyms import Kallsyms
+from xfrmtrace.kernel.ktext import open_vmlinux
+from xfrmtrace.kernel.view import check_same_build
 
 LINK_ADDRESS = 0xFFFFFFFF81000000
 SLIDE = 0x2E000000  # KASLR: kallsyms addresses are the file's plus this

@@ -9,13 +9,13 @@ import time
 from typing import Any, Iterator, Optional
 
 import pytest
-from fixtures.eventdata import WALL_NS, decoder, net16, packet, raw_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xfrmtrace import abi
+from tests.fixtures.eventdata import WALL_NS, decoder, net16, packet, raw_event
+from xfrmtrace.bpf import abi
+from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.errors import InputError
-from xfrmtrace.events import XfrmErrorEvent
 from xfrmtrace.output import LINE_FORMATS, jsonl, line_formatter, text
 
 EXPECTED_KEYS = [

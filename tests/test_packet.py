@@ -1,4 +1,4 @@
-"""``xfrmtrace.packet`` on recorded packets, cross-checked against tshark, and fuzzed."""
+"""``xfrmtrace.decode.packet`` on recorded packets, cross-checked against tshark, and fuzzed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xfrmtrace.packet import PacketInfo, decode_packet, protocol_name
+from xfrmtrace.decode.packet import PacketInfo, decode_packet, protocol_name
 
 FIXTURES = Path(__file__).parent / "fixtures" / "packets"
 LINKTYPE_RAW = 101  # pcap link type: the packet starts with an IPv4 or IPv6 header
@@ -73,9 +73,9 @@ def tshark_view(packet: ET.Element) -> Dict[str, object]:
         if re.fullmatch(r"ip\.proto|ipv6(\.\w+)?\.nxt|ah\.next_header", name)
         for f in found
     ]
-    view["proto"] = int(max(next_headers, key=lambda f: int(f.get("pos", "0"))).get("show", ""))
+    view["proto_num"] = int(max(next_headers, key=lambda f: int(f.get("pos", "0"))).get("show", ""))
     view["fragment_offset"] = offset if (offset or more) else None
-    view["proto_name"] = protocol_name(view["proto"])  # type: ignore[arg-type]
+    view["proto"] = protocol_name(view["proto_num"])  # type: ignore[arg-type]
     for l4 in ("udp", "tcp"):
         if l4 in protos:
             view.update(sport=number(f"{l4}.srcport"), dport=number(f"{l4}.dstport"))
@@ -140,13 +140,13 @@ def udp(sport: int, dport: int, payload: bytes) -> bytes:
 def test_esp_fields() -> None:
     info = decode_packet(PACKETS["ipv4-esp"])
     assert (info.family, info.src, info.dst) == ("ipv4", "192.168.112.29", "192.168.139.255")
-    assert (info.proto, info.proto_name, info.encap, info.spi, info.seq) == (50, "esp", "esp", 3, 3)
+    assert (info.proto_num, info.proto, info.encap, info.spi, info.seq) == (50, "esp", "esp", 3, 3)
     assert info.sport is None and info.dport is None
 
 
 def test_esp_in_udp_keeps_udp_as_protocol() -> None:
     info = decode_packet(PACKETS["ipv4-esp-in-udp"])
-    assert (info.proto_name, info.sport, info.dport) == ("udp", 4500, 4500)
+    assert (info.proto, info.sport, info.dport) == ("udp", 4500, 4500)
     assert (info.encap, info.spi, info.seq) == ("esp-in-udp", 0xC1A2B3C4, 42)
 
 
@@ -210,7 +210,7 @@ def test_udp_4500_empty_payload() -> None:
 def test_ipv6_truncated_in_extension_chain_reports_header_reached() -> None:
     data = PACKETS["ipv6-hbh-dstopts-udp"][:49]  # ends inside the destination options header
     info = decode_packet(data)
-    assert info.truncated and info.proto_name == "ipv6-opts" and info.sport is None
+    assert info.truncated and info.proto == "ipv6-opts" and info.sport is None
 
 
 def test_protocol_names() -> None:
@@ -234,7 +234,7 @@ def test_every_truncation_is_flagged_or_harmless(name: str) -> None:
             continue
         for field in DECODED_FIELDS:
             value = getattr(part, field)
-            if field not in ("proto", "proto_name"):  # the header reached, by design
+            if field not in ("proto", "proto_num"):  # the header reached, by design
                 assert value is None or value == getattr(full, field), (cut, field)
 
 
@@ -281,8 +281,8 @@ def test_ipv6_extension_chains(chain: list, last: int, cut: int) -> None:
     packet = struct.pack("!IHBB", 6 << 28, len(body), kinds[0], 64) + bytes(32) + body
     info = decode_packet(packet[:cut])
     if cut >= len(packet):
-        assert (info.proto, info.truncated, info.malformed) == (last, False, None)
+        assert (info.proto_num, info.truncated, info.malformed) == (last, False, None)
         assert info.encap == ("ah" if 51 in kinds else "esp" if last == 50 else None)
     else:
         assert info.malformed is None
-        assert info.truncated or info.proto == last
+        assert info.truncated or info.proto_num == last

@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fixtures.eventdata import WALL_NS, decoder, packet, raw_event
 
-from xfrmtrace import abi
+from tests.fixtures.eventdata import WALL_NS, decoder, packet, raw_event
+from xfrmtrace.bpf import abi
 from xfrmtrace.output.pcapng import PcapngWriter, event_comments
 
 TSHARK = shutil.which("tshark")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_xfrmnl import NETNS, changes
-from xfrmtrace.events import XfrmErrorEvent
-from xfrmtrace.explain import explain
+from xfrmtrace.context.explain import explain
+from xfrmtrace.context.xfrmnl.database import XfrmDatabase
+from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl
-from xfrmtrace.xfrmnl.database import XfrmDatabase
 
 MINUTE = 60_000_000_000
 BASE_NS = 1_795_000_000_000_000_000

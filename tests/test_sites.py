@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.kasm import BASE, COUNTERS, MIB_OFFSET, Assembled, needs_binutils
-from xfrmtrace import discovery
-from xfrmtrace.kallsyms import VMLINUX, Kallsyms
-from xfrmtrace.sitecache import FORMAT, SiteCache
-from xfrmtrace.sites import DOUBTFUL, OTHER, XFRM
+from tests.support.kasm import BASE, COUNTERS, MIB_OFFSET, Assembled, needs_binutils
+from xfrmtrace.kernel.kallsyms import VMLINUX, Kallsyms
+from xfrmtrace.resolve import discovery
+from xfrmtrace.resolve.sitecache import FORMAT, SiteCache
+from xfrmtrace.resolve.sites import DOUBTFUL, OTHER, XFRM
 
 pytestmark = needs_binutils
 
@@ -234,7 +234,7 @@ f1:
 def test_chunked_scan_finds_every_increment_once(asm, monkeypatch, chunk):
     """Core text is scanned in overlapping chunks: increments across a chunk boundary are
     found once, whatever the chunk size."""
-    import xfrmtrace.sites as sites_module
+    import xfrmtrace.resolve.sites as sites_module
 
     text = """
 f1:
@@ -428,11 +428,12 @@ def test_unwritable_cache_directory_costs_one_warning(live, tmp_path, caplog, ho
 def test_a_warm_start_loads_no_disassembler() -> None:
     """Tracing with every object in the site cache needs no capstone (13 MiB, and seconds of
     imports under emulation): nothing the trace command imports loads it up front."""
-    modules = ("xfrmtrace.cli", "xfrmtrace.session", "xfrmtrace.discovery",
-               "xfrmtrace.sitecache", "xfrmtrace.follow", "xfrmtrace.tracer")
+    modules = ("xfrmtrace.cli", "xfrmtrace.session", "xfrmtrace.resolve.discovery",
+               "xfrmtrace.resolve.sitecache", "xfrmtrace.trace.modulesites",
+               "xfrmtrace.trace.tracer")
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'capstone'"
-            " or m == 'xfrmtrace.sites'))")
+            " or m == 'xfrmtrace.resolve.sites'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

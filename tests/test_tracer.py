@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from xfrmtrace.bpf.abi import XtArgRole
 from xfrmtrace.errors import LibbpfError
-from xfrmtrace.model import FunctionArgs, Site
-from xfrmtrace.tracer import BPF_OBJECT, TraceConfig, Tracer
+from xfrmtrace.resolve.model import FunctionArgs, Site
+from xfrmtrace.trace.tracer import BPF_OBJECT, TraceConfig, Tracer
 
 ESP4_BASE = 0xFFFFFFFFC0A1B000
 
@@ -15,7 +16,7 @@ ESP4_BASE = 0xFFFFFFFFC0A1B000
 def _esp4(base: int) -> tuple[Site, FunctionArgs]:
     site = Site("esp4", "esp_output_done", 0x172, base + 0x172, "XfrmOutStateProtoError", 19,
                 "rax", "rbx", 16, "esp_output_done", "inc qword ptr gs:[rax + 0x98]")
-    return site, FunctionArgs("esp_output_done", base, "esp4", skb=1)
+    return site, FunctionArgs("esp_output_done", base, "esp4", {XtArgRole.SKB: 1})
 
 
 @pytest.fixture
@@ -68,9 +69,9 @@ def test_follower_notices_a_site_that_now_belongs_to_another_module(tracer: Trac
     """A module's assumed last-function extent ran into a neighbour loaded meanwhile."""
     from types import SimpleNamespace
 
-    from xfrmtrace.follow import ModuleFollower
-    from xfrmtrace.kallsyms import Kallsyms
-    from xfrmtrace.modules import ModuleWatcher
+    from xfrmtrace.kernel.kallsyms import Kallsyms
+    from xfrmtrace.kernel.modules import ModuleWatcher
+    from xfrmtrace.trace.modulesites import ModuleFollower
 
     before = ("ffffffff81000000 T _stext\nffffffff81100000 T _etext\n"
               "ffffffffc0453000 t tcp_mt\t[xt_tcpudp]\n"

@@ -2,8 +2,8 @@
 
 One VM boot (kernel ``XFRMTRACE_DEPLOY_KERNEL``, default 6.12).  The host renders the Helm
 chart with ``ci/lab-values.yaml`` (plus a small rotation size), turns its DaemonSet into a
-launch spec (tests/vmlab/pod_run.py) and builds ``dist/xfrmtrace.pyz``; the guest
-(tests/vmlab/deploy_run.py) runs both against real IPsec traffic.  These tests assert on
+launch spec (tests/support/podspec.py) and builds ``dist/xfrmtrace.pyz``; the guest
+(tests/guest/deploy_run.py) runs both against real IPsec traffic.  These tests assert on
 what it recorded.
 """
 
@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from tests.conftest import report_line
+from tests.support import distbuild, k8stools, podspec
+from vmlab.guest import tool as guest_tool
+from vmlab.host import kernels, vm
 
-from tests import distbuild, k8stools  # noqa: E402
-from tests.conftest import report_line  # noqa: E402
-from tests.vmlab import kernels, pod_run, trace_run, vm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.vm
 
@@ -60,12 +59,12 @@ def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
     kernel = kernels.fetch_kernel(DEPLOY_KERNEL)
     pyz = distbuild.build_zipapp()
     rwdir = tmp_path_factory.mktemp("vm-deploy")
-    spec = pod_run.launch_spec(pod_spec, {"status.podIP": "127.0.0.1", "spec.nodeName": "vm",
+    spec = podspec.launch_spec(pod_spec, {"status.podIP": "127.0.0.1", "spec.nodeName": "vm",
                                           "status.hostIP": "127.0.0.1"})
     spec_path = rwdir / "pod.json"
-    pod_run.write_spec(spec, spec_path)
+    podspec.write_spec(spec, spec_path)
     out = rwdir / "deploy"
-    argv = [sys.executable, "-m", "tests.vmlab.deploy_run", "--out", str(out),
+    argv = [sys.executable, "-m", "tests.guest.deploy_run", "--out", str(out),
             "--pod-spec", str(spec_path), "--pyz", str(pyz), "--count", str(PACKETS)]
     argv += [f"--pod-scenario={name}" for name in POD_SCENARIOS]
     argv += [f"--pyz-scenario={name}" for name in PYZ_SCENARIOS]
@@ -156,7 +155,7 @@ def test_pod_events_follow_later_namespaces_and_equal_proc(deploy: dict) -> None
 
 def test_pod_metrics_equal_proc(deploy: dict) -> None:
     pod = deploy["pod"]
-    metrics = trace_run.metric_errors(pod["metrics"])
+    metrics = guest_tool.metric_errors(pod["metrics"])
     for name, ns, inode, moved in _totals(pod):
         scraped = {c: n for (c, netns), n in metrics.items() if netns == str(inode)}
         assert scraped == moved, (name, ns, scraped, moved)

@@ -1,7 +1,7 @@
 """Robustness on a real kernel: ring-buffer overflow, namespace and module churn, SIGKILL.
 
 One VM boot (kernel ``XFRMTRACE_ROBUST_KERNEL``, default 6.1); the guest driver is
-tests/vmlab/robust_run.py.  The tool must keep exact counts when its ring buffer
+tests/guest/robust_run.py.  The tool must keep exact counts when its ring buffer
 overflows and say how much it lost, follow namespaces and modules that go and come while it
 runs, and leave nothing in the kernel when it is killed.
 """
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from tests.conftest import report_line
+from vmlab.guest import tool as guest_tool
+from vmlab.host import kernels, vm
 
-from tests.conftest import report_line  # noqa: E402
-from tests.vmlab import kernels, trace_run, vm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.vm
 
@@ -42,7 +41,7 @@ def robust(request, tmp_path_factory) -> dict:
     kernel = kernels.fetch_kernel(ROBUST_KERNEL)
     rwdir = tmp_path_factory.mktemp("vm-robust")
     out = rwdir / "robust"
-    command = shlex.join([sys.executable, "-m", "tests.vmlab.robust_run", "--out", str(out)])
+    command = shlex.join([sys.executable, "-m", "tests.guest.robust_run", "--out", str(out)])
     result = vm.run_in_vm(kernel, command, rwdir=rwdir, cwd=REPO, timeout=1200,
                           env={"PYTHONDONTWRITEBYTECODE": "1"})
     assert result.ok, result.describe()
@@ -82,7 +81,7 @@ def test_overflow_keeps_counts_exact_and_reports_the_loss(robust: dict) -> None:
     lost_metric = [line for line in run["metrics_after_burst"].splitlines()
                    if line.startswith("xfrmtrace_events_lost_total ")]
     assert lost_metric and float(lost_metric[0].split()[1]) > 0, lost_metric
-    errors = trace_run.metric_errors(run["metrics_after_burst"])
+    errors = guest_tool.metric_errors(run["metrics_after_burst"])
     assert errors[(COUNTER, str(first["inode_b"]))] == moved_first
 
 

@@ -1,9 +1,9 @@
 """End to end on real kernels: xfrmtrace runs in a VM while real IPsec traffic moves counters.
 
-One VM boot per kernel of the matrix (tests/vmlab/kernels.py; ``XFRMTRACE_KERNELS`` or
-``make test-kernels KERNEL=..`` picks a subset).  The guest (tests/vmlab/trace_run.py)
+One VM boot per kernel of the matrix (vmlab/host/kernels.py; ``XFRMTRACE_KERNELS`` or
+``make test-kernels KERNEL=..`` picks a subset).  The guest (tests/guest/trace_run.py)
 starts the tool before any IPsec module is loaded, loads and unloads a module with sites,
-runs every scenario of tests/vmlab/scenarios.py in its own namespaces, records the tool's
+runs every scenario of tests/guest/scenarios.py in its own namespaces, records the tool's
 JSON output and every namespace's /proc/net/xfrm_stat, and finally audits the resolver.
 These tests assert on that record.
 """
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from tests.conftest import report_line
+from tests.guest import scenarios
+from vmlab.guest import ipsec
+from vmlab.guest import tool as guest_tool
+from vmlab.host import kernels, vm
 
-from tests.conftest import report_line  # noqa: E402
-from tests.vmlab import ipsec, kernels, scenarios, trace_run, vm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PACKETS = 3
 GUEST_TOOLS = ("ip", "iptables", "ip6tables", "ping")
@@ -56,7 +57,7 @@ def run(request, tmp_path_factory) -> dict:
     kernel = kernels.fetch_kernel(series)
     rwdir = tmp_path_factory.mktemp(f"vm-{series}")
     out = rwdir / "trace"
-    command = shlex.join([sys.executable, "-m", "tests.vmlab.trace_run", "--out", str(out),
+    command = shlex.join([sys.executable, "-m", "tests.guest.trace_run", "--out", str(out),
                           "--count", str(PACKETS), "--tool-arg=--output-stack",
                           # A limit no scenario reaches: the rate-limit path runs on every
                           # kernel (the verifier sees it only when it is switched on).
@@ -143,7 +144,7 @@ def test_metrics_equal_proc_counters(run: dict) -> None:
     namespace, xfrmtrace_xfrm_errors_total equals the /proc/net/xfrm_stat delta (the
     namespaces are newer than the tool, so their totals are the deltas)."""
     assert run["metrics"].startswith("# HELP"), run["metrics"][:500]
-    metrics = trace_run.metric_errors(run["metrics"])
+    metrics = guest_tool.metric_errors(run["metrics"])
     checked = 0
     for name, record in run["scenarios"].items():
         for lab in record.get("labs", []):
@@ -334,7 +335,7 @@ def test_late_module_attached_and_detached(run: dict) -> None:
     for module in ("esp4", "esp6"):
         assert module in run["site_modules_while_tracing"]
         assert f"Module {module} loaded: attached 1/1 probes" in run["stderr"], run["stderr"]
-        assert trace_run.in_module(run["kprobes_while_tracing"], module)
+        assert guest_tool.in_module(run["kprobes_while_tracing"], module)
 
 
 def test_resolver_audit_has_no_doubtful_site(run: dict) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmlab import vm
-from tests.vmlab.kernels import Kernel
+from vmlab.host import vm
+from vmlab.host.kernels import Kernel
 
 FAKE_VNG = """#!{python}
 import pathlib, subprocess, sys

@@ -19,15 +19,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.vmlab import record_netlink
-from xfrmtrace.events import XfrmErrorEvent
-from xfrmtrace.explain import explain
+from tests.guest import record_netlink
+from xfrmtrace.context.explain import explain
+from xfrmtrace.context.xfrmnl import database
+from xfrmtrace.context.xfrmnl.changes import XfrmChange, change_from
+from xfrmtrace.context.xfrmnl.database import XfrmDatabase
+from xfrmtrace.context.xfrmnl.socket import parse, split_messages
+from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
-from xfrmtrace.xfrmnl import database
-from xfrmtrace.xfrmnl.changes import XfrmChange, change_from
-from xfrmtrace.xfrmnl.database import XfrmDatabase
-from xfrmtrace.xfrmnl.socket import parse, split_messages
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"
 KEYS = [bytes.fromhex(k[2:]) for k in (record_netlink.KEY_AEAD, record_netlink.KEY_ENC,
@@ -260,7 +260,7 @@ def test_truncated_and_odd_messages_are_skipped_with_a_warning(caplog) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
 def test_live_watcher_follows_a_new_namespace_and_lets_it_go() -> None:
     """Real netlink on this machine: policy changes in a namespace that appears later."""
-    from xfrmtrace.xfrmnl.watch import XfrmWatcher
+    from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
 
     name = f"xt-unit-{os.getpid()}"
     watcher = XfrmWatcher()
@@ -304,7 +304,7 @@ def test_live_watcher_follows_a_new_namespace_and_lets_it_go() -> None:
 def test_watcher_warns_once_about_a_name_that_is_not_a_namespace(tmp_path: Path,
                                                                  caplog) -> None:
     """A stale file in /run/netns (or one caught before `ip netns add` mounts it)."""
-    from xfrmtrace.xfrmnl.watch import XfrmWatcher
+    from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
 
     (tmp_path / "stale").write_text("")
     watcher = XfrmWatcher(run_netns=tmp_path)

@@ -1,4 +1,9 @@
-"""Command line: the only module that prints to the terminal or decides the exit status."""
+"""Command line: the only module that prints to the terminal or decides the exit status.
+
+Everything beyond argument parsing is imported inside the command that needs it: that keeps
+``xfrmtrace --help`` fast and working on machines without libbpf, capstone or pyroute2.  Each
+such deferred import says so with a ``# deferred: start-up`` comment (tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Optional, Sequence, TextIO
 
 from xfrmtrace import __version__
+from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 
 if TYPE_CHECKING:  # imported when used: `--help` must not load the tracing stack
-    from xfrmtrace.metrics import MetricsServer
+    from xfrmtrace.output.metrics import MetricsServer
     from xfrmtrace.output.pcapng import PcapngWriter
 
 COMMANDS = ("trace", "sites", "report")
@@ -86,7 +92,7 @@ def _ring_size(text: str) -> int:
 
 
 def _listen_address(text: str) -> tuple[str, int]:
-    from xfrmtrace.metrics import parse_listen_address
+    from xfrmtrace.output.metrics import parse_listen_address  # deferred: start-up
 
     try:
         return parse_listen_address(text)
@@ -142,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate-limit", type=_positive_int, default=0, metavar="N",
                      help="at most N events per site per second, over all CPUs (0: no limit); "
                      "counts stay exact")
-    run.add_argument("--ringbuf-size", type=_ring_size, default=4 << 20, metavar="SIZE",
+    run.add_argument("--ringbuf-size", type=_ring_size, default=XT_RINGBUF_DEFAULT,
+                     metavar="SIZE",
                      help="ring buffer size: MiB, or with a K or M suffix, e.g. 64K (default "
-                     "4; rounded up to a power of two); counts stay exact when it overflows")
+                     f"{XT_RINGBUF_DEFAULT >> 20}; rounded up to a power of two); counts stay "
+                     "exact when it overflows")
     run.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
 
     sites = sub.add_parser("sites", help="list counter increment sites",
@@ -225,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _site_cache(args: argparse.Namespace):  # -> Optional[SiteCache]
-    from xfrmtrace.sitecache import SiteCache, default_cache_dir
+    from xfrmtrace.resolve.sitecache import SiteCache, default_cache_dir  # deferred: start-up
 
     if args.no_cache:
         return None
@@ -233,19 +241,20 @@ def _site_cache(args: argparse.Namespace):  # -> Optional[SiteCache]
 
 
 def _open_view(args: argparse.Namespace):  # -> KernelView
-    from xfrmtrace import discovery, preflight
+    from xfrmtrace.kernel import preflight  # deferred: start-up
+    from xfrmtrace.kernel import view as kernel_view  # deferred: start-up
 
     if getattr(args, "vmlinux", None) or getattr(args, "kallsyms", None):
         if not (args.vmlinux and args.kallsyms):
             raise InputError("offline resolution needs both --vmlinux FILE and --kallsyms FILE")
-        return discovery.open_offline(args.vmlinux, args.kallsyms)
+        return kernel_view.open_offline(args.vmlinux, args.kallsyms)
     preflight.check_privileges()
     preflight.check_btf()
-    return discovery.open_live(args.host_proc)
+    return kernel_view.open_live(args.host_proc)
 
 
 def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
-    from xfrmtrace import discovery
+    from xfrmtrace.resolve import discovery  # deferred: start-up
 
     view = _open_view(args)
     try:
@@ -274,11 +283,11 @@ def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
-    from xfrmtrace import report
+    from xfrmtrace.report import reader as report  # deferred: start-up
 
     result = report.build(report.read_log(args.log))
     if args.html:
-        from xfrmtrace.report_html import write_html
+        from xfrmtrace.report.html import write_html  # deferred: start-up
 
         try:
             with open(args.html, "w", encoding="utf-8") as page:
@@ -321,24 +330,27 @@ def _counter_filter(text: Optional[str], counters: dict[int, str]) -> Optional[s
 
 
 def _cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
-    from xfrmtrace import preflight
+    from xfrmtrace.kernel import preflight  # deferred: start-up
 
     preflight.check_tracing()
     with ExitStack() as cleanup:
         metrics = None
         if args.metrics_addr:
-            from xfrmtrace.metrics import MetricsServer, require_metrics
+            from xfrmtrace.output.metrics import (  # deferred: start-up
+                MetricsServer,
+                require_metrics,
+            )
 
             require_metrics()
             metrics = MetricsServer(args.metrics_addr)
             cleanup.callback(metrics.close)
         pcap = None
         if args.output_pcap:
-            from xfrmtrace.output.pcapng import PcapngWriter
+            from xfrmtrace.output.pcapng import PcapngWriter  # deferred: start-up
 
             pcap = PcapngWriter(cleanup.enter_context(_open_output(args.output_pcap)))
         if args.output_file:
-            from xfrmtrace.output.rotating import RotatingFile
+            from xfrmtrace.output.rotating import RotatingFile  # deferred: start-up
 
             rotating = RotatingFile(args.output_file, int(args.output_file_size * (1 << 20)),
                                     args.output_file_count)
@@ -359,9 +371,11 @@ def _open_output(path: Path) -> BinaryIO:
 
 def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
            pcap: Optional[PcapngWriter], metrics: Optional[MetricsServer]) -> int:
-    from xfrmtrace import discovery
-    from xfrmtrace.modules import ModuleWatcher
+    # deferred: start-up (the whole tracing stack: libbpf, pyroute2, BTF)
+    from xfrmtrace.kernel import view as kernel_view
+    from xfrmtrace.kernel.modules import ModuleWatcher
     from xfrmtrace.output import summary as summary_out
+    from xfrmtrace.resolve import discovery
     from xfrmtrace.session import SessionOptions, TraceSession
 
     options = SessionOptions(
@@ -379,7 +393,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
     # Read /proc/modules before kallsyms: a module loading in between is then seen as new
     # (and found already attached) rather than missed.
     modules = ModuleWatcher(args.host_proc / "modules")
-    view = discovery.open_live(args.host_proc)
+    view = kernel_view.open_live(args.host_proc)
     try:
         cache = _site_cache(args)
         resolution = discovery.resolve_sites(view, cache=cache)

@@ -7,26 +7,29 @@ import select
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, TextIO, TypeVar
 
-from xfrmtrace.discovery import KernelView, function_arguments
+from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
+from xfrmtrace.context.explain import explain
+from xfrmtrace.context.xfrmnl.changes import XfrmChange
+from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
+from xfrmtrace.decode.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.errors import InputError, KernelFeatureMissing
-from xfrmtrace.events import EventDecoder, XfrmErrorEvent
-from xfrmtrace.explain import explain
-from xfrmtrace.follow import ModuleFollower
-from xfrmtrace.metrics import MetricsServer, MetricsSnapshot, error_counts
-from xfrmtrace.model import Site
-from xfrmtrace.modules import ModuleWatcher
-from xfrmtrace.netns import NetnsNames
+from xfrmtrace.kernel.modules import ModuleWatcher
+from xfrmtrace.kernel.netns import NetnsNames
+from xfrmtrace.kernel.view import KernelView
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
+from xfrmtrace.output.metrics import MetricsServer, MetricsSnapshot, error_counts
 from xfrmtrace.output.pcapng import PcapngWriter
-from xfrmtrace.sitecache import SiteCache
-from xfrmtrace.tracer import AttachReport, TraceConfig, Tracer
-from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.watch import XfrmWatcher
+from xfrmtrace.output.summary import SiteTotal, Summary
+from xfrmtrace.resolve.discovery import function_arguments
+from xfrmtrace.resolve.model import Site
+from xfrmtrace.resolve.sitecache import SiteCache
+from xfrmtrace.trace.modulesites import ModuleFollower
+from xfrmtrace.trace.tracer import AttachReport, TraceConfig, Tracer
 
 log = logging.getLogger("xfrmtrace.session")
 
@@ -105,33 +108,10 @@ class SessionOptions:
     filter_netns: Optional[str] = None
     filter_mark: Optional[tuple[int, int]] = None
     rate_limit: int = 0
-    ringbuf_bytes: int = 4 << 20
+    ringbuf_bytes: int = XT_RINGBUF_DEFAULT
     ready_file: Optional[Path] = None
     follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
     show_keys: bool = False
-
-
-@dataclass
-class SiteTotal:
-    site: Site
-    count: int
-    by_netns: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class Summary:
-    """Exact in-kernel counts plus what reached user space."""
-
-    sites: list[SiteTotal]
-    events: int
-    stats: dict[str, int]
-    duration: float
-
-    def by_counter(self) -> dict[str, int]:
-        totals: dict[str, int] = defaultdict(int)
-        for total in self.sites:
-            totals[total.site.counter] += total.count
-        return dict(totals)
 
 
 class TraceSession:

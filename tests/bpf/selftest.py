@@ -1,6 +1,6 @@
 """Build helper and ctypes mirrors for the test-only BPF object ``selftest.bpf.c``.
 
-Test modules import this file by path: tests/ is not a package.
+Imported by the libbpf and BTF tests as ``tests.bpf.selftest``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SA and policy changes, and the explanations under error events, in text and JSON.
 
-Keys are whatever :mod:`xfrmtrace.xfrmnl.model` kept: ``<redacted>`` unless the user
+Keys are whatever :mod:`xfrmtrace.context.xfrmnl.model` kept: ``<redacted>`` unless the user
 asked for ``--show-keys``.
 """
 
@@ -10,11 +10,10 @@ import json
 from dataclasses import asdict
 from typing import Any, Optional
 
-from xfrmtrace.explain import Explanation
-from xfrmtrace.output.jsonl import rfc3339_ns
-from xfrmtrace.output.text import format_time
-from xfrmtrace.xfrmnl.changes import XfrmChange
-from xfrmtrace.xfrmnl.model import SA, Policy
+from xfrmtrace.context.explain import Explanation
+from xfrmtrace.context.xfrmnl.changes import XfrmChange
+from xfrmtrace.context.xfrmnl.model import SA, Policy
+from xfrmtrace.output.timefmt import format_time, rfc3339_ns
 
 # ---- text -------------------------------------------------------------------------------------
 

@@ -8,10 +8,11 @@ only when stacks were captured.  The keys, in order:
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Callable, Dict, List, NamedTuple
 
-from xfrmtrace.events import XfrmErrorEvent
+from xfrmtrace.decode.events import XfrmErrorEvent
+from xfrmtrace.output.changes import explanation_to_dict
+from xfrmtrace.output.timefmt import rfc3339_ns
 
 EVENT_TYPE = "xfrm_error"
 
@@ -104,12 +105,6 @@ def event_to_dict(event: XfrmErrorEvent) -> Dict[str, Any]:
     return record
 
 
-def rfc3339_ns(time_ns: int) -> str:
-    """``2026-11-28T14:47:49.123456789Z`` from ns since the epoch."""
-    seconds, ns = divmod(time_ns, 1_000_000_000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{ns:09d}Z"
-
-
 def json_fields_markdown() -> str:
     """The key reference as a Markdown table, for the README."""
     rows = ["| Key | Type | Meaning |", "| --- | --- | --- |"]
@@ -126,8 +121,6 @@ _SPECIAL: Dict[str, Callable[[XfrmErrorEvent], Any]] = {
 
 
 def _explanation(exp: Any) -> Any:
-    from xfrmtrace.output.changes import explanation_to_dict  # it imports this module
-
     return explanation_to_dict(exp)
 
 __doc__ = (__doc__ or "") + json_fields_markdown()

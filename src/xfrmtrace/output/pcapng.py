@@ -16,7 +16,7 @@ import struct
 from typing import BinaryIO, List
 
 from xfrmtrace import __version__
-from xfrmtrace.events import XfrmErrorEvent
+from xfrmtrace.decode.events import XfrmErrorEvent
 
 _SHB = 0x0A0D0D0A
 _IDB = 0x00000001

@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from xfrmtrace.session import Summary
+from xfrmtrace.resolve.model import Site
 
 NetnsName = Callable[[int], Optional[str]]
+
+
+@dataclass
+class SiteTotal:
+    site: Site
+    count: int
+    by_netns: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    """Exact in-kernel counts plus what reached user space."""
+
+    sites: list[SiteTotal]
+    events: int
+    stats: dict[str, int]
+    duration: float
+
+    def by_counter(self) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for total in self.sites:
+            totals[total.site.counter] += total.count
+        return dict(totals)
 
 
 def _netns_label(inode: int, name: NetnsName) -> str:

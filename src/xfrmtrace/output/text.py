@@ -11,10 +11,10 @@ it is the default of every packet.
 
 from __future__ import annotations
 
-import time
 from typing import List, Optional
 
-from xfrmtrace.events import XfrmErrorEvent
+from xfrmtrace.decode.events import XfrmErrorEvent
+from xfrmtrace.output.timefmt import format_time
 
 STACK_INDENT = "    "
 WHY_INDENT = "    why: "
@@ -47,13 +47,6 @@ def format_event(event: XfrmErrorEvent, *, utc: bool = False) -> str:
         lines.append(WHY_INDENT + event.explain.summary)
         lines += [MORE_INDENT + detail for detail in event.explain.details]
     return "\n".join(lines)
-
-
-def format_time(time_ns: int, *, utc: bool = False) -> str:
-    """``2026-11-28 14:47:49.123456`` from ns since the epoch, local time unless ``utc``."""
-    seconds, ns = divmod(time_ns, 1_000_000_000)
-    moment = time.gmtime(seconds) if utc else time.localtime(seconds)
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', moment)}.{ns // 1000:06d}"
 
 
 def _netns(event: XfrmErrorEvent) -> str:

@@ -1,0 +1,211 @@
+"""``xfrmtrace report LOG.jsonl``: a saved JSON log, summarised per distinct error.
+
+A distinct error is one counter for one packet stream: namespace, counter, addresses,
+IPsec protocol and SPI, and mark.  For each the report gives the first and last time, the
+count, the sites, the explanation the live run printed (the last one), and the SA/policy
+changes of that namespace that concern it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, TextIO, Union
+
+from xfrmtrace.errors import InputError
+from xfrmtrace.output.timefmt import parse_rfc3339
+
+HISTORY_LINES = 10
+
+
+@dataclass
+class ErrorGroup:
+    key: tuple
+    counter: str
+    netns: int
+    netns_name: Optional[str]
+    stream: str  # "10.77.0.1 > 10.77.0.2 esp spi 0x1000 mark 0xd00"
+    dst: Optional[str]
+    spi: Optional[int]
+    first: str
+    last: str
+    count: int = 0
+    sites: dict[str, int] = field(default_factory=dict)
+    explain: Optional[dict[str, Any]] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    groups: list[ErrorGroup]
+    changes: int
+    skipped_lines: int
+    event_times: list[tuple[str, str]] = field(default_factory=list)  # (counter, time)
+    change_records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a log; a line that is not one is counted by :func:`build`."""
+    try:
+        handle = open(path, encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from err
+    with handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
+                yield {"type": None}
+                continue
+            yield record if isinstance(record, dict) else {"type": None}
+
+
+_TEXT = (str, type(None))
+_INT = (int, type(None))
+# The fields the report reads, with the types the tool writes them with.
+_EVENT_TYPES = {"netns": _INT, "counter": str, "netns_name": _TEXT, "src": _TEXT,
+                "dst": _TEXT, "encap": _TEXT, "proto": _TEXT, "spi": _INT, "mark": _INT,
+                "function": _TEXT, "offset": _INT, "explain": (dict, type(None))}
+_CHANGE_TYPES = {"netns": _INT, "sa": (dict, type(None)), "policy": (dict, type(None))}
+
+
+def _is_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        parse_rfc3339(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _has_types(record: dict[str, Any], types: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(key), kinds) for key, kinds in types.items())
+
+
+def _well_formed(record: dict[str, Any], kind: str) -> bool:
+    """True when every field the report reads has the type xfrmtrace writes it with, so a
+    line that only looks like ours is skipped (and counted) instead of failing the report."""
+    if not _is_time(record.get("time")):
+        return False
+    if kind == "xfrm_error":
+        explain = record.get("explain") or {}
+        details = explain.get("details") if isinstance(explain, dict) else None
+        return (_has_types(record, _EVENT_TYPES) and isinstance(explain.get("summary"), _TEXT)
+                and isinstance(details, (list, type(None)))
+                and all(isinstance(d, str) for d in details or ()))
+    sa, policy = record.get("sa") or {}, record.get("policy") or {}
+    selector = policy.get("selector") if isinstance(policy, dict) else None
+    return (_has_types(record, _CHANGE_TYPES)
+            and _has_types(sa, {"spi": _INT, "dst": _TEXT})
+            and isinstance(selector, (dict, type(None)))
+            and _has_types(selector or {}, {"dst": _TEXT}))
+
+
+def _stream(event: dict[str, Any]) -> str:
+    parts = [f"{event.get('src') or '?'} > {event.get('dst') or '?'}"]
+    if event.get("encap"):
+        parts.append(str(event["encap"]))
+    elif event.get("proto"):
+        parts.append(str(event["proto"]))
+    if event.get("spi") is not None:
+        parts.append(f"spi {event['spi']:#x}")
+    if event.get("mark"):
+        parts.append(f"mark {event['mark']:#x}")
+    if event.get("context") == "flow":
+        parts.append("(flow)")
+    return " ".join(parts)
+
+
+def _concerns(change: dict[str, Any], group: ErrorGroup) -> bool:
+    sa = change.get("sa")
+    if sa:
+        return sa.get("dst") == group.dst or (group.spi is not None and sa.get("spi") == group.spi)
+    policy = change.get("policy")
+    if policy:
+        selector = policy.get("selector") or {}
+        return group.dst is not None and (selector.get("dst") or "").split("/")[0] == group.dst
+    return change.get("action") == "flushed"
+
+
+def build(records: Iterable[dict[str, Any]]) -> Report:
+    groups: dict[tuple, ErrorGroup] = {}
+    changes: list[dict[str, Any]] = []
+    times: list[tuple[str, str]] = []
+    skipped = 0
+    for record in records:
+        kind = record.get("type")
+        if kind in ("sa", "policy", "xfrm_error") and not _well_formed(record, kind):
+            skipped += 1
+        elif kind in ("sa", "policy"):
+            changes.append(record)
+        elif kind == "xfrm_error":
+            key = (record.get("netns"), record.get("counter"), record.get("src"),
+                   record.get("dst"), record.get("encap") or record.get("proto"),
+                   record.get("spi"), record.get("mark"))
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ErrorGroup(
+                    key=key, counter=str(record.get("counter")), netns=record.get("netns") or 0,
+                    netns_name=record.get("netns_name"), stream=_stream(record),
+                    dst=record.get("dst"), spi=record.get("spi"),
+                    first=str(record.get("time")), last=str(record.get("time")))
+            group.count += 1
+            group.last = str(record.get("time"))
+            times.append((group.counter, group.last))
+            site = f"{record.get('function')}+{record.get('offset') or 0:#x}"
+            group.sites[site] = group.sites.get(site, 0) + 1
+            if record.get("explain"):
+                group.explain = record["explain"]
+        elif kind not in ("summary", "tc"):  # tc changes are not part of the report
+            skipped += 1
+    for group in groups.values():
+        related = [c for c in changes if c.get("netns") == group.netns
+                   and str(c.get("time")) <= group.last and _concerns(c, group)]
+        group.history = related[-HISTORY_LINES:]
+    ordered = sorted(groups.values(), key=lambda g: (-g.count, g.first))
+    return Report(groups=ordered, changes=len(changes), skipped_lines=skipped,
+                  event_times=times, change_records=changes)
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    what = "SA" if change.get("type") == "sa" else "policy"
+    sa, policy = change.get("sa"), change.get("policy")
+    if sa:
+        body = (f"{sa.get('proto')} spi {sa.get('spi') or 0:#x} {sa.get('src')} -> "
+                f"{sa.get('dst')} reqid {sa.get('reqid')}")
+    elif policy:
+        sel = policy.get("selector") or {}
+        body = (f"{policy.get('direction')} {sel.get('src') or 'any'} -> "
+                f"{sel.get('dst') or 'any'} {policy.get('action')} index {policy.get('index')}")
+    else:
+        body = ""
+    return f"{change.get('time')} {what} {change.get('action')}: {body}".rstrip(": ")
+
+
+def write_text(report: Report, out: TextIO) -> None:
+    if not report.groups:
+        out.write(f"no counter events in the log ({report.changes} SA/policy changes)\n")
+    for group in report.groups:
+        netns = f"netns {group.netns}" + (f" ({group.netns_name})" if group.netns_name else "")
+        out.write(f"{group.counter} x{group.count}  {netns}  {group.stream}\n")
+        out.write(f"  first {group.first}  last {group.last}\n")
+        out.write("  sites: " + ", ".join(f"{s} ({n})" for s, n in group.sites.items()) + "\n")
+        if group.explain:
+            out.write(f"  why: {group.explain.get('summary')}\n")
+            for detail in group.explain.get("details") or []:
+                out.write(f"       {detail}\n")
+        else:
+            out.write("  why: (the log has no explanation: traced with --no-xfrm-state)\n")
+        if group.history:
+            out.write("  history:\n")
+            for change in group.history:
+                out.write(f"    {_change_line(change)}\n")
+        out.write("\n")
+    if report.skipped_lines:
+        out.write(f"({report.skipped_lines} lines of the log were not xfrmtrace JSON and were "
+                  "skipped)\n")

@@ -1,0 +1,104 @@
+"""Plain data shared between the resolver, the site cache, the tracer and the outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from xfrmtrace.bpf.abi import XT_FLOW_ONLY_ROLES, XtArgRole
+from xfrmtrace.kernel.kallsyms import code_location
+from xfrmtrace.resolve.x86_registers import ARGUMENT_REGISTERS
+
+#: The argument roles the BPF side reads (``enum xt_arg_role``), in role order.
+ARG_ROLES: tuple[XtArgRole, ...] = tuple(r for r in XtArgRole if r is not XtArgRole.NUM)
+
+
+def in_registers(registers: tuple[Optional[str], ...], slots: Iterable[int]) -> bool:
+    """True when ``registers`` (argument slot -> register) names a register for every slot."""
+    return all(slot < len(registers) and registers[slot] is not None for slot in slots)
+
+
+@dataclass(frozen=True)
+class RecordPoint:
+    """Where a function's arguments are recorded, when not at its entry (see argregs.py)."""
+
+    offset: int  # bytes from the function's start
+    depth: int  # sp(entry) - sp(here) in bytes
+    registers: tuple[Optional[str], ...]  # argument slot 0..5 -> register holding it here
+
+
+@dataclass(frozen=True)
+class Site:
+    """One instruction that increments an XFRM statistics counter."""
+
+    object: str  # "vmlinux" or the module name
+    function: str  # kallsyms symbol that contains the instruction
+    offset: int  # bytes from the symbol's start
+    address: int  # absolute address in the running (or given) kernel
+    counter: str  # /proc/net/xfrm_stat name, e.g. "XfrmInNoStates"
+    counter_index: int  # LINUX_MIB_XFRM* enum value
+    mib_reg: str  # register incremented through, e.g. "rax"
+    net_reg: Optional[str] = None  # register still holding the struct net * at the site
+    stack_depth: Optional[int] = None  # sp(entry) - sp(site) in bytes, None if unknown
+    entry_function: Optional[str] = None  # non-inlined function whose arguments we record
+    instruction: str = ""  # disassembly, for the audit and --output json
+    code: str = ""  # the instruction's bytes (hex): a cached site is checked against them
+    # Argument slot 0..5 -> register holding that argument of entry_function at the site.
+    arg_regs: tuple[Optional[str], ...] = ()
+    # Where entry_function's other arguments are recorded; None: at its entry.
+    record: Optional[RecordPoint] = None
+
+    @property
+    def label(self) -> str:
+        """``function+0xoff`` (with ``[module]`` for module sites), as printed in events."""
+        return code_location(self.function, self.offset, self.object)
+
+
+@dataclass
+class FunctionArgs:
+    """Which arguments of a function hold the values the BPF side records."""
+
+    function: str
+    address: int
+    object: str = "vmlinux"  # "vmlinux" or the module name
+    # Role -> argument position 0..5, for the roles the function has.
+    positions: dict[XtArgRole, int] = field(default_factory=dict)
+    # Where the recording probe goes: None when every site finds the arguments in its own
+    # registers (no probe at all), else a RecordPoint (offset 0: the entry).
+    record: Optional[RecordPoint] = RecordPoint(0, 0, ARGUMENT_REGISTERS)
+
+    @property
+    def slots(self) -> frozenset[int]:
+        """Argument positions the BPF side reads: the flow-only roles (dst, family: they give
+        a flow's family) only when there is a flow, as ``needs_frame()`` decides in BPF."""
+        has_flow = XtArgRole.FLOW in self.positions
+        return frozenset(position for role, position in self.positions.items()
+                         if has_flow or not XT_FLOW_ONLY_ROLES >> role & 1)
+
+
+# How the resolver classified a gs-relative increment (AuditEntry.classification).
+XFRM = "xfrm"
+OTHER = "other"
+DOUBTFUL = "doubtful"
+
+
+@dataclass
+class AuditEntry:
+    """How one gs-relative increment was classified."""
+
+    object: str
+    function: str
+    offset: int
+    address: int
+    instruction: str
+    classification: str  # XFRM, OTHER or DOUBTFUL
+    reason: str
+    counter: Optional[str] = None
+
+
+@dataclass
+class Resolution:
+    """Sites found plus the audit of every candidate looked at."""
+
+    sites: list[Site] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)

@@ -1,0 +1,248 @@
+"""Find every instruction that increments an XFRM statistics counter.
+
+``XFRM_INC_STATS(net, FIELD)`` compiles to a load of the per-CPU pointer
+``net->mib.xfrm_statistics`` followed by a gs-relative increment::
+
+    mov  rax, qword ptr [rdi + OFF]        ; OFF = offsetof(struct net, mib.xfrm_statistics)
+    inc  qword ptr gs:[rax + 8 * FIELD]    ; or: add qword ptr gs:[...], 1
+
+Kernel text holds hundreds of gs-relative increments (every SNMP counter
+looks alike).  A candidate counts as an XFRM site only when every definition
+of its base register that reaches it is that load (register copies are
+followed, across basic blocks and into ``.cold`` parts of a function).  A byte
+prefilter keeps the work small: candidates come from a regex over the raw
+text, and only functions whose bytes contain OFF are disassembled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Callable, Iterable, Iterator, Mapping, Optional
+
+import capstone
+from capstone import x86_const as X86
+
+from xfrmtrace.kernel.jumplabels import LabelIndex
+from xfrmtrace.kernel.kallsyms import VMLINUX, Function, Kallsyms
+from xfrmtrace.resolve.argregs import plan_arguments
+from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM, AuditEntry, Resolution, Site
+from xfrmtrace.resolve.x86_code import FunctionCode, mem_operand, reaching_definitions
+from xfrmtrace.resolve.x86_registers import reg64
+
+# gs prefix, REX.W (any R/X/B), then inc r/m64 (FF /0) or add r/m64, imm8 (83 /0)
+# with a disp8 or disp32 memory operand.  Index 0 (no displacement) is
+# LINUX_MIB_XFRMNUM, never incremented.
+_GS_INCREMENT = re.compile(rb"\x65[\x48-\x4f][\xff\x83][\x40-\x47\x80-\x87]", re.S)
+_SCAN_CHUNK = 4 << 20  # bytes of core kernel text scanned at a time
+_SCAN_OVERLAP = 16  # > the length of a _GS_INCREMENT match
+
+
+ReadText = Callable[[int, int], bytes]
+
+
+class SiteResolver:
+    """Classifies gs-relative increments of kernel and module text."""
+
+    def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
+                 counters: dict[int, str],
+                 needed_slots: Optional[Callable[[str, str], frozenset[int]]] = None,
+                 jump_labels: Optional[Mapping[int, int]] = None) -> None:
+        """``needed_slots(function, object)``: the argument positions events of that
+        function's sites read (from BTF); without it, arguments are recorded at entry.
+        ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
+        self._read = read
+        self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
+        self._syms = syms
+        self._needed_slots = needed_slots
+        self._mib_offset = mib_offset
+        self._mib_bytes = [mib_offset.to_bytes(4, "little")]
+        if mib_offset < 0x80:
+            self._mib_bytes.append(bytes([mib_offset]))
+        self._counters = counters
+        self._lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._detail.detail = True
+
+    def resolve(self, objects: Optional[Iterable[str]] = None) -> Resolution:
+        """Sites in ``objects`` (default: vmlinux and every loaded module)."""
+        result = Resolution()
+        for obj in objects if objects is not None else self._syms.objects():
+            for func, addrs in self._candidates(obj).items():
+                self._classify_function(func, addrs, result)
+        result.sites.sort(key=lambda s: s.address)
+        result.audit.sort(key=lambda a: a.address)
+        return result
+
+    # candidates
+    def _candidates(self, obj: str) -> dict[str, list[int]]:
+        """Group parent name -> candidate addresses, for one object."""
+        groups: dict[str, list[int]] = {}
+        for start, data, limit in self._text_regions(obj):
+            for match in _GS_INCREMENT.finditer(data):
+                if match.start() >= limit:
+                    break  # in the overlap: the next region finds it
+                addr = start + match.start()
+                func = self._syms.lookup(addr)
+                if func is None or func.object != obj:
+                    continue
+                groups.setdefault(_parent_name(func.name), []).append(addr)
+        return groups
+
+    def _text_regions(self, obj: str) -> Iterator[tuple[int, bytes, int]]:
+        """(address, bytes, limit): matches must start before ``limit`` in ``bytes``.
+
+        Core kernel text (tens of MiB) comes in chunks that overlap by more than a match's
+        length, so the scan never holds all of it: it sets the tool's peak memory.
+        """
+        if obj != VMLINUX:
+            for func in self._syms.functions(obj):
+                data = self._read(func.start, func.size)
+                if data:
+                    yield func.start, data, len(data)
+            return
+        addr, end = self._syms.core_text_range()
+        while addr < end:
+            data = self._read(addr, min(_SCAN_CHUNK + _SCAN_OVERLAP, end - addr))
+            if not data:
+                break
+            step = min(_SCAN_CHUNK, len(data))
+            yield addr, data, step
+            addr += step
+
+    # classification
+    def _classify_function(self, parent: str, addrs: list[int], result: Resolution) -> None:
+        first = self._syms.lookup(addrs[0])
+        assert first is not None
+        obj = first.object
+        parts = self._group_parts(parent, obj, first)
+        code_bytes = [(f, self._read(f.start, f.size)) for f in parts]
+        if not any(pattern in code for _f, code in code_bytes for pattern in self._mib_bytes):
+            for addr in addrs:
+                result.audit.append(self._entry(addr, OTHER, "function never loads "
+                                                "net->mib.xfrm_statistics"))
+            return
+        code = FunctionCode(code_bytes, self._lite, self._detail,
+                            self._jump_labels if obj == VMLINUX else None)
+        offsets: Optional[dict[int, Optional[int]]] = None
+        first_site = len(result.sites)
+        for addr in addrs:
+            i = code.index.get(addr)
+            if i is None:
+                result.audit.append(self._entry(addr, OTHER, "not an instruction boundary"))
+                continue
+            if offsets is None:
+                offsets = code.stack_offsets()
+            self._classify_site(code, i, parent, offsets, result)
+        found = result.sites[first_site:]
+        if found and offsets is not None and parts[0].name == parent:
+            result.sites[first_site:] = self._with_argument_plan(code, found, offsets)
+
+    def _with_argument_plan(self, code: FunctionCode, found: list[Site],
+                            offsets: dict[int, Optional[int]]) -> list[Site]:
+        """``found`` (sites of one function, its entry part known) with where their
+        arguments come from: see argregs.py."""
+        entry_function = found[0].entry_function
+        if self._needed_slots is None or entry_function is None:
+            return found
+        needed = self._needed_slots(entry_function, found[0].object)
+        plan = plan_arguments(code, [code.index[s.address] for s in found], needed, offsets)
+        return [replace(s, arg_regs=plan.site_registers, record=plan.record) for s in found]
+
+    def _group_parts(self, parent: str, obj: str, fallback: Function) -> list[Function]:
+        """The function and its compiler-split ``.cold`` parts, entry first."""
+        main = self._syms.find(parent, obj)
+        parts = [main] if main is not None else []
+        for suffix in (".cold", *(f".cold.{n}" for n in range(1, 8))):
+            cold = self._syms.find(parent + suffix, obj)
+            if cold is not None:
+                parts.append(cold)
+        if fallback not in parts:
+            parts.append(fallback)
+        return parts
+
+    def _classify_site(self, code: FunctionCode, i: int, parent: str,
+                       offsets: dict[int, Optional[int]], result: Resolution) -> None:
+        insn = code.insns[i]
+        d = code.detail(i)
+        mem = mem_operand(d) if d is not None else None
+        if d is None or mem is None or mem.size != 8 or mem.mem.segment != X86.X86_REG_GS:
+            result.audit.append(self._entry(insn.address, OTHER, "not a 64-bit gs increment"))
+            return
+        if d.mnemonic == "add" and not any(
+                op.type == X86.X86_OP_IMM and op.imm == 1 for op in d.operands):
+            result.audit.append(self._entry(insn.address, OTHER, "adds more than one"))
+            return
+        base = reg64(d.reg_name(mem.mem.base)) if mem.mem.base else None
+        if base is None or mem.mem.index != 0:
+            result.audit.append(self._entry(insn.address, DOUBTFUL, "indexed or absolute "
+                                            "operand"))
+            return
+        defs = reaching_definitions(code, i, base, self._mib_offset)
+        kinds = {d_.kind for d_ in defs}
+        if kinds != {XFRM}:
+            if XFRM not in kinds and kinds <= {OTHER}:
+                why = "register comes from " + "; ".join(sorted({d_.text for d_ in defs}))
+                result.audit.append(self._entry(insn.address, OTHER, why))
+            else:
+                why = "mixed or unknown provenance: " + "; ".join(
+                    sorted({f"{d_.kind}: {d_.text}" for d_ in defs}))
+                result.audit.append(self._entry(insn.address, DOUBTFUL, why))
+            return
+        disp = mem.mem.disp
+        index = disp // 8
+        if disp % 8 or index not in self._counters:
+            result.audit.append(self._entry(insn.address, DOUBTFUL,
+                                            f"XFRM MIB load but displacement {disp:#x} is "
+                                            "no known counter"))
+            return
+        bases = {d_.base for d_ in defs}
+        net_reg = None
+        if len(bases) == 1:
+            (only,) = bases
+            if only != base and all(only not in d_.written for d_ in defs):
+                net_reg = only
+        sp = offsets.get(i)
+        func = self._syms.lookup(insn.address)
+        assert func is not None
+        site = Site(
+            object=func.object,
+            function=func.name,
+            offset=insn.address - func.start,
+            address=insn.address,
+            counter=self._counters[index],
+            counter_index=index,
+            mib_reg=base,
+            net_reg=net_reg,
+            stack_depth=None if sp is None else -sp,
+            entry_function=parent if "." not in parent else None,
+            instruction=f"{insn.mnemonic} {insn.op_str}",
+            code=self._read(insn.address, insn.size).hex(),
+        )
+        result.sites.append(site)
+        result.audit.append(self._entry(insn.address, XFRM, "loaded from "
+                                        "net->mib.xfrm_statistics", site.counter))
+
+    def _entry(self, addr: int, classification: str, reason: str,
+               counter: Optional[str] = None) -> AuditEntry:
+        func = self._syms.lookup(addr)
+        text = ""
+        data = self._read(addr, 16)
+        if data:
+            insn = next(self._lite.disasm_lite(data, addr, 1), None)
+            text = f"{insn[2]} {insn[3]}" if insn else ""
+        return AuditEntry(
+            object=func.object if func else "?",
+            function=func.name if func else "?",
+            offset=addr - func.start if func else 0,
+            address=addr,
+            instruction=text,
+            classification=classification,
+            reason=reason,
+            counter=counter,
+        )
+
+
+def _parent_name(name: str) -> str:
+    """``xfrm_input.cold`` -> ``xfrm_input``; other names unchanged."""
+    return name.split(".cold", 1)[0]

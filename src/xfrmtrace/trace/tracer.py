@@ -1,0 +1,326 @@
+"""Load the BPF object, attach it at every site, and hand over raw events.
+
+One program (``xt_site``) is attached at every site and one (``xt_entry``) at
+the record point of every function whose arguments are not all in registers at
+its sites (its entry, or a later point: see argregs.py).  Both identify the
+probe that fired by its address, so no per-attachment cookie is needed
+(kprobe cookies only arrived in Linux 5.15; the matrix starts at 5.10).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from xfrmtrace.bpf import abi
+from xfrmtrace.bpf.objects import BpfObject, Link, RingBuffer, kprobe_pmu_available
+from xfrmtrace.resolve.model import FunctionArgs, Site
+from xfrmtrace.resolve.x86_registers import PT_REGS_SLOT
+
+log = logging.getLogger("xfrmtrace.trace.tracer")
+
+BPF_OBJECT = Path(__file__).parents[1] / "bpf" / "xfrm.bpf.o"
+
+# With IBT (CONFIG_X86_KERNEL_IBT) a kprobe on a function's first byte is
+# moved past the 4-byte endbr64, so entry probes may report either address.
+_ENDBR64_SIZE = 4
+
+
+@dataclass
+class TraceConfig:
+    """What the BPF side reports; zero/None means "everything"."""
+
+    counter_indices: Optional[set[int]] = None
+    netns: int = 0
+    mark_value: int = 0
+    mark_mask: int = 0
+    capture_stack: bool = False
+    site_rate_limit: int = 0
+    ringbuf_bytes: int = abi.XT_RINGBUF_DEFAULT
+
+    def to_abi(self) -> abi.XtConfig:
+        mask = 0
+        for index in self.counter_indices or ():
+            mask |= 1 << (index & 63)
+        return abi.XtConfig(
+            counter_mask=mask,
+            netns=self.netns,
+            mark_value=self.mark_value & self.mark_mask,
+            mark_mask=self.mark_mask,
+            capture_stack=int(self.capture_stack),
+            site_rate_limit=self.site_rate_limit,
+        )
+
+
+@dataclass
+class AttachReport:
+    """Which probes are in place."""
+
+    sites_attached: int = 0
+    sites_failed: list[tuple[Site, str]] = field(default_factory=list)
+    entries_attached: int = 0
+    entries_failed: list[tuple[str, str]] = field(default_factory=list)
+    entries_unneeded: int = 0  # functions whose sites hold every argument in registers
+
+    @property
+    def sites_expected(self) -> int:
+        return self.sites_attached + len(self.sites_failed)
+
+
+class Tracer:
+    """Owns the BPF object, its probes and its ring buffer.
+
+    Sites and functions can be added and removed while tracing (modules come
+    and go).  Each keeps its id for the whole run: a module that is unloaded
+    and loaded again gets its old site ids back, so its counts add up and an
+    event still queued from before the unload decodes to the right site.
+    """
+
+    def __init__(self, config: TraceConfig, object_path: Path = BPF_OBJECT) -> None:
+        self.config = config
+        self.sites: dict[int, Site] = {}  # site_id -> site, as the decoder reads it
+        self._object_path = object_path
+        self._obj: Optional[BpfObject] = None
+        self._ring: Optional[RingBuffer] = None
+        self._site_ids: dict[tuple[str, str, int], int] = {}
+        self._func_ids: dict[tuple[str, str], int] = {}
+        self._links: dict[str, list[Link]] = {}  # object -> its probes
+        self._addresses: dict[str, list[tuple[str, int]]] = {}  # object -> (map, address)
+        # Site probes per object, wanted and attached (entry probes are not counted).
+        self._sites_expected: dict[str, int] = {}
+        self._sites_attached: dict[str, int] = {}
+        self._by_address: Optional[bool] = None
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open and load the object; probes come with :meth:`add`."""
+        obj = BpfObject.open_file(self._object_path)
+        self._obj = obj
+        obj.set_rodata("cfg", bytes(self.config.to_abi()))
+        obj.map("events").set_max_entries(_power_of_two(self.config.ringbuf_bytes))
+        obj.load()
+        self._by_address = kprobe_pmu_available()
+
+    def add(self, sites: list[Site], functions: list[FunctionArgs]) -> AttachReport:
+        """Fill the maps for ``sites`` and attach their probes.
+
+        Entry probes go first, so the first site hit already finds its frame.
+        """
+        assert self._obj is not None
+        report = AttachReport()
+        entry_prog = self._obj.program("xt_entry")
+        for func in functions:
+            func_id = self._register_function(func)
+            if func_id is None:
+                report.entries_failed.append((func.function, "function table full"))
+                continue
+            if func.record is None:
+                report.entries_unneeded += 1
+                continue
+            try:
+                offset = func.record.offset
+                self._keep(func.object, _attach(entry_prog, func.function, offset,
+                                                 func.address + offset, bool(self._by_address)))
+                report.entries_attached += 1
+            except OSError as err:
+                report.entries_failed.append((func.function, err.strerror or str(err)))
+                log.info("no argument recording for %s: %s", func.function, err)
+        site_prog = self._obj.program("xt_site")
+        for site in sites:
+            self._sites_expected[site.object] = self._sites_expected.get(site.object, 0) + 1
+            if not self._register_site(site):
+                report.sites_failed.append((site, "site table full"))
+                continue
+            try:
+                self._keep(site.object, _attach(site_prog, site.function, site.offset,
+                                                site.address, bool(self._by_address)))
+                self._sites_attached[site.object] = self._sites_attached.get(site.object, 0) + 1
+                report.sites_attached += 1
+            except OSError as err:
+                report.sites_failed.append((site, err.strerror or str(err)))
+        return report
+
+    def remove_object(self, obj: str) -> int:
+        """Detach every probe in ``obj`` (an unloaded module); returns how many."""
+        assert self._obj is not None
+        links = self._links.pop(obj, [])
+        for link in links:
+            link.destroy()
+        self._sites_expected.pop(obj, None)
+        self._sites_attached.pop(obj, None)
+        # The addresses may be reused by the next module loaded there.
+        for map_name, address in self._addresses.pop(obj, []):
+            self._obj.map(map_name).delete(_u64(address))
+        return len(links)
+
+    def site_probes(self) -> tuple[int, int]:
+        """(attached, expected) site probes in the objects loaded now."""
+        return sum(self._sites_attached.values()), sum(self._sites_expected.values())
+
+    def attached_addresses(self, obj: str) -> set[int]:
+        """Addresses of the sites currently registered for ``obj``."""
+        return {address for map_name, address in self._addresses.get(obj, [])
+                if map_name == "sites"}
+
+    def _register_function(self, func: FunctionArgs) -> Optional[int]:
+        assert self._obj is not None
+        key = (func.object, func.function)
+        func_id = self._func_ids.get(key, len(self._func_ids))
+        if func_id >= abi.XT_MAX_FUNCS:
+            return None
+        self._func_ids[key] = func_id
+        info = abi.XtFuncInfo(func_id=func_id)
+        for i in range(abi.XtArgRole.NUM):
+            info.arg_slot[i] = abi.XT_NO_ARG
+        for role, position in func.positions.items():
+            info.arg_slot[role] = position
+        self._obj.map("funcs").update(_u32(func_id), bytes(info))
+        if func.record is None:
+            return func_id
+        entry = abi.XtEntryInfo(depth=func.record.depth, func_id=func_id)
+        for slot in range(len(entry.arg_reg)):
+            entry.arg_reg[slot] = _register_number(func.record.registers, slot)
+        entries = self._obj.map("entries")
+        address = func.address + func.record.offset
+        addresses = [address, address + _ENDBR64_SIZE] if func.record.offset == 0 else [address]
+        for address in addresses:
+            entries.update(_u64(address), bytes(entry))
+            self._addresses.setdefault(func.object, []).append(("entries", address))
+        return func_id
+
+    def _register_site(self, site: Site) -> bool:
+        assert self._obj is not None
+        key = (site.object, site.function, site.offset)
+        site_id = self._site_ids.get(key, len(self._site_ids))
+        if site_id >= abi.XT_MAX_SITES:
+            return False
+        self._site_ids[key] = site_id
+        self.sites[site_id] = site
+        info = abi.XtSiteInfo(
+            stack_depth=abi.XT_DEPTH_UNKNOWN if site.stack_depth is None else site.stack_depth,
+            site_id=site_id,
+            counter=site.counter_index,
+            func_id=self._func_ids.get((site.object, site.entry_function or ""), 0xFFFFFFFF),
+            mib_reg=PT_REGS_SLOT[site.mib_reg],
+            net_reg=PT_REGS_SLOT.get(site.net_reg or "", abi.XT_NO_REG),
+        )
+        for slot in range(len(info.arg_reg)):
+            info.arg_reg[slot] = _register_number(site.arg_regs, slot)
+        self._obj.map("sites").update(_u64(site.address), bytes(info))
+        self._addresses.setdefault(site.object, []).append(("sites", site.address))
+        return True
+
+    def _keep(self, obj: str, link: Link) -> None:
+        self._links.setdefault(obj, []).append(link)
+
+    def open_ring_buffer(self, callback: Callable[[bytes], Optional[int]]) -> None:
+        assert self._obj is not None
+        self._ring = RingBuffer(self._obj.map("events"), callback)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> int:
+        """Deliver pending events to the callback; returns how many."""
+        assert self._ring is not None
+        return self._ring.poll(timeout_ms)
+
+    def fileno(self) -> int:
+        """Readable when events are waiting (for select/poll)."""
+        assert self._ring is not None
+        return self._ring.fileno()
+
+    def drain(self) -> int:
+        """Deliver what is in the ring buffer now: the number of records, or the callback's
+        negative value when it asked to stop early (more may be waiting)."""
+        return self._ring.consume() if self._ring is not None else 0
+
+    def detach(self) -> None:
+        """Remove every probe; counts and queued events stay readable."""
+        for links in self._links.values():
+            for link in links:
+                link.destroy()
+        self._links.clear()
+        self._sites_attached.clear()
+
+    def site_counts(self) -> dict[int, int]:
+        """site_id -> exact number of increments seen (all CPUs)."""
+        assert self._obj is not None
+        counts_map = self._obj.map("site_counts")
+        counts = {}
+        for site_id in self.sites:
+            values = counts_map.lookup_percpu(_u32(site_id)) or []
+            counts[site_id] = sum(int.from_bytes(v[:8], "little") for v in values)
+        return counts
+
+    def netns_counts(self) -> dict[tuple[int, int], int]:
+        """(site_id, netns inode) -> increments."""
+        assert self._obj is not None
+        counts_map = self._obj.map("netns_counts")
+        result = {}
+        for key in counts_map.keys():
+            parsed = abi.XtNetnsKey.from_buffer_copy(key)
+            values = counts_map.lookup_percpu(key) or []
+            result[(parsed.site_id, parsed.netns)] = sum(
+                int.from_bytes(v[:8], "little") for v in values)
+        return result
+
+    def stats(self) -> dict[str, int]:
+        """enum xt_stat name (lower case) -> count."""
+        assert self._obj is not None
+        stats_map = self._obj.map("stats")
+        result = {}
+        for stat in abi.XtStat:
+            if stat.name == "NUM":
+                continue
+            values = stats_map.lookup_percpu(_u32(stat)) or []
+            result[stat.name.lower()] = sum(int.from_bytes(v[:8], "little") for v in values)
+        return result
+
+    def close(self) -> None:
+        """Detach and free everything; safe to call twice."""
+        self.detach()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attach(prog, function: str, offset: int, address: int, by_address: bool) -> Link:
+    """Attach at an absolute address when possible: names can be ambiguous across modules."""
+    if by_address:
+        return prog.attach_kprobe(None, address)
+    return prog.attach_kprobe(function, offset)
+
+
+def _register_number(registers: tuple[Optional[str], ...], slot: int) -> int:
+    """enum xt_reg of ``registers[slot]``, or XT_NO_REG when there is none."""
+    name = registers[slot] if slot < len(registers) else None
+    return PT_REGS_SLOT.get(name or "", abi.XT_NO_REG)
+
+
+def _power_of_two(n: int) -> int:
+    """Ring buffers must be a power-of-two number of pages."""
+    size = 4096
+    while size < n:
+        size <<= 1
+    return size
+
+
+def _u32(value: int) -> bytes:
+    return ctypes.c_uint32(value).value.to_bytes(4, "little")
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "little")

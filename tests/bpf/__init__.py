@@ -1,0 +1,1 @@
+"""A small BPF object (selftest.bpf.c) that exercises the libbpf binding."""
