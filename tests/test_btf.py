@@ -18,6 +18,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 import pytest
 
 from tests.bpf import selftest
+from tests.support.require import not_applicable
 from xfrmtrace.bpf import btf as btf_mod
 from xfrmtrace.bpf.btf import Btf, BtfKind, Param, VarLocation
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing, LibbpfError
@@ -174,7 +175,7 @@ def test_func_params_of_xfrm_input(kernel: Btf, raw_kernel: list[Optional[RawTyp
 def test_func_params_of_xfrm_lookup_with_ifid(kernel: Btf) -> None:
     params = kernel.func_params("xfrm_lookup_with_ifid")
     if params is None:
-        pytest.skip("xfrm_lookup_with_ifid is not in this kernel's BTF (added in 5.10)")
+        not_applicable("xfrm_lookup_with_ifid is not in this kernel's BTF (added in 5.10)")
     assert params == [
         ("net", "struct net *"),
         ("dst_orig", "struct dst_entry *"),

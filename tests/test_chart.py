@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.support.k8stools import CHART, daemonset_pod_spec, helm, render_chart, template_args
+from xfrmtrace.bpf import abi
 
 CI_DIR = CHART / "ci"
 SCENARIOS = {p.name[: -len("-values.yaml")]: p for p in sorted(CI_DIR.glob("*-values.yaml"))}
@@ -224,6 +225,9 @@ def test_args_follow_values(name: str) -> None:
     assert ("--no-xfrm-state" in args) == (not values["xfrmState"]["enabled"])
     assert flag_value(args, "--rate-limit") == str(values["rateLimit"])
     assert flag_value(args, "--ringbuf-size") == str(values["ringbufSizeMiB"])
+    if "ringbufSizeMiB" not in (yaml.safe_load(SCENARIOS[name].read_text()) or {}):
+        # The chart's default is the tool's (XT_RINGBUF_DEFAULT, declared once in bpf/xfrm.h).
+        assert values["ringbufSizeMiB"] << 20 == abi.XT_RINGBUF_DEFAULT
     assert flag_value(args, "--host-proc") == "/host/proc"
     assert flag_value(args, "--cache-dir") == "/var/cache/xfrmtrace"
     counters = values["filters"]["counters"]

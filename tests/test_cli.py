@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.require import not_applicable_if
+
 TOOL = [sys.executable, "-m", "xfrmtrace"]
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 
@@ -48,7 +50,7 @@ def test_help_lists_commands_and_works_without_privileges() -> None:
     assert "--ready-file" not in trace_help  # hidden: for tests and orchestration
 
 
-@pytest.mark.skipif(KPROBE_PMU.exists(), reason="this kernel has kprobes: not the negative case")
+@not_applicable_if(KPROBE_PMU.exists(), "this kernel has kprobes: not the negative case")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get past the privilege check")
 def test_kernel_without_kprobes_gives_one_line() -> None:
     proc = run_tool()

@@ -23,6 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.support.distbuild import CONSTRAINTS, REPO, build_zipapp
+from tests.support.require import not_applicable_if
 from xfrmtrace import __version__
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -192,8 +193,9 @@ print(sys.version_info[0], sys.version_info[1], len(names))
 
 PYTHONS = [pytest.param(SYSTEM_PYTHON, id="system-python3"),
            pytest.param(python39(), id="python3.9",
-                        marks=pytest.mark.skipif(python39() is None,
-                                                 reason="no Python 3.9 on this machine"))]
+                        marks=not_applicable_if(python39() is None,
+                                                  "no Python 3.9 on this machine (the "
+                                                  "system python3 run covers the zipapp)"))]
 
 
 @pytest.mark.parametrize("python", PYTHONS)
@@ -209,7 +211,7 @@ def test_extracted_package_finds_its_files_and_imports_everything(
     assert proc.returncode == 0 and proc.stdout.strip() == f"xfrmtrace {__version__}"
 
 
-@pytest.mark.skipif(KPROBE_PMU.exists(), reason="this kernel has kprobes: not the negative case")
+@not_applicable_if(KPROBE_PMU.exists(), "this kernel has kprobes: not the negative case")
 def test_trace_on_this_kernel_gives_one_error_line(pyz: Path, shiv_root: Path) -> None:
     proc = run_pyz(pyz, shiv_root, "trace")
     assert proc.returncode != 0

@@ -23,9 +23,11 @@ from xfrmtrace.decode.events import (
     NOTE_FLOW_FAMILY,
     NOTE_FROM_DATA,
     NOTE_NO_CONTEXT,
+    PACKET_FIELDS,
     EventDecoder,
     XfrmErrorEvent,
 )
+from xfrmtrace.decode.packet import PacketInfo
 from xfrmtrace.errors import DecodeError, XfrmtraceError
 
 
@@ -252,3 +254,13 @@ def test_event_fields_are_documented_types() -> None:
     names = [f.name for f in dataclasses.fields(XfrmErrorEvent)]
     assert names[:4] == ["time_ns", "monotonic_ns", "counter", "counter_index"]
     assert {"stack", "packet", "truncated", "malformed", "context_note"} <= set(names)
+
+
+def test_every_packet_field_is_an_event_field_of_the_same_type() -> None:
+    # _fill_skb copies PACKET_FIELDS by name with setattr, which would not notice a field the
+    # event lacks (it would become an attribute no output shows).
+    event_fields = {f.name: f.type for f in dataclasses.fields(XfrmErrorEvent)}
+    for field in dataclasses.fields(PacketInfo):
+        assert field.name in event_fields, field.name
+        assert event_fields[field.name] == field.type, field.name
+    assert set(PACKET_FIELDS) == {f.name for f in dataclasses.fields(PacketInfo)}

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from tests.bpf import selftest
+from tests.support.require import not_applicable
 from xfrmtrace.bpf import ffi
 from xfrmtrace.bpf.objects import BpfObject, KprobeOpts, RingBuffer, kprobe_pmu_available
 from xfrmtrace.errors import BtfLookupError, LibbpfError, VerifierError
@@ -452,7 +453,7 @@ def _kernel_has_kprobes() -> bool:
 @needs_bpf
 def test_kprobe_attach_fails_cleanly_without_kprobes(selftest_obj_path: Path) -> None:
     if _kernel_has_kprobes():
-        pytest.skip("this kernel has kprobes; attaching is covered by the VM lab tests")
+        not_applicable("this kernel has kprobes; attaching is covered by the VM lab tests")
     with BpfObject.open_file(selftest_obj_path) as obj:
         obj.program("on_xfrm_input").set_autoload(True)
         obj.load()

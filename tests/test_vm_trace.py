@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import report_line
 from tests.guest import scenarios
+from tests.support.require import not_applicable
 from vmlab.guest import ipsec
 from vmlab.guest import tool as guest_tool
 from vmlab.host import kernels, vm
@@ -230,7 +231,7 @@ def test_scenario(run: dict, name: str) -> None:
     scenario = scenarios.SCENARIOS[name]
     record = run["scenarios"][name]
     if "skipped" in record:
-        pytest.skip(f"{run['kernel']}: {record['skipped']}")
+        not_applicable(f"{run['kernel']}: {record['skipped']}")
     assert "error" not in record, record["error"]
     expect = scenario.expect
     for lab in record["labs"]:

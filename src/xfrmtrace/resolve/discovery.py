@@ -15,7 +15,7 @@ from xfrmtrace.resolve.funcargs import function_args
 from xfrmtrace.resolve.model import FunctionArgs, Resolution, Site, in_registers
 from xfrmtrace.resolve.sitecache import SiteCache, kernel_build_id, module_build_id
 
-log = logging.getLogger("xfrmtrace.discovery")
+log = logging.getLogger("xfrmtrace.resolve.discovery")
 
 
 class ArgumentRoles:
