@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from bench import stats
-from vmlab.guest import ipsec
+from vmlab.guest import ipsec, probestats
 from vmlab.guest.ipsec import Lab, LabConfig
 from vmlab.guest.nsutil import entered
 from vmlab.guest.tool import SITE_MODULES, fast_capstone_env, kprobes, loaded_modules
@@ -430,7 +430,7 @@ def phase_hotpath(rounds: int, seconds: int, audit: List[Dict[str, Any]],
         result["esp_counters_moved"] = ipsec.counter_delta(before, ipsec.xfrm_stat(esp.cfg.ns_b))
         # The tunnel really carried the traffic (a policy that did not match would let it
         # through in the clear): packets counted by the receiver's SAs.
-        result["esp_sa_packets"] = stats.xfrm_state_packets(
+        result["esp_sa_packets"] = probestats.xfrm_state_packets(
             ipsec.run(["ip", "-n", esp.cfg.ns_b, "-s", "xfrm", "state"]).stdout)
         return result
     finally:
@@ -439,26 +439,6 @@ def phase_hotpath(rounds: int, seconds: int, audit: List[Dict[str, Any]],
             server.wait()
         esp.teardown()
         plain.teardown()
-
-
-def veth_tx_packets(cfg: LabConfig) -> int:
-    """Packets sent by both ends of a lab's veth pair (data one way, ACKs the other)."""
-    total = 0
-    for ns, dev in ((cfg.ns_a, cfg.veth_a), (cfg.ns_b, cfg.veth_b)):
-        out = ipsec.run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev]).stdout
-        total += int(json.loads(out)[0]["stats64"]["tx"]["packets"])
-    return total
-
-
-def bpf_prog_stats() -> Dict[str, Dict[str, int]]:
-    """run_cnt and run_time_ns per BPF program name (kernel.bpf_stats_enabled must be 1)."""
-    out = ipsec.run(["bpftool", "prog", "show", "-j"]).stdout
-    totals: Dict[str, Dict[str, int]] = {}
-    for prog in json.loads(out):
-        entry = totals.setdefault(prog.get("name", "?"), {"run_cnt": 0, "run_time_ns": 0})
-        entry["run_cnt"] += int(prog.get("run_cnt", 0))
-        entry["run_time_ns"] += int(prog.get("run_time_ns", 0))
-    return totals
 
 
 def profile_probes(labs: Dict[str, LabConfig], seconds: int) -> Dict[str, Any]:
@@ -470,19 +450,19 @@ def profile_probes(labs: Dict[str, LabConfig], seconds: int) -> Dict[str, Any]:
     try:
         tool.wait_ready()
         time.sleep(SETTLE_SECONDS)
-        ipsec.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"])
+        probestats.enable_bpf_stats(True)
         for traffic in TRAFFIC:
-            progs0, packets0 = bpf_prog_stats(), veth_tx_packets(labs[traffic])
+            progs0 = probestats.bpf_prog_stats()
+            packets0 = probestats.veth_tx_packets(labs[traffic])
             bps = iperf(labs[traffic], seconds)
-            progs1, packets1 = bpf_prog_stats(), veth_tx_packets(labs[traffic])
-            record: Dict[str, Any] = {"packets": packets1 - packets0, "bps": bps}
-            for name in ("xt_entry", "xt_site"):
-                a, b = progs0.get(name, {}), progs1.get(name, {})
-                record[name] = {k: b.get(k, 0) - a.get(k, 0) for k in ("run_cnt", "run_time_ns")}
+            progs1 = probestats.bpf_prog_stats()
+            packets1 = probestats.veth_tx_packets(labs[traffic])
+            record: Dict[str, Any] = {"packets": packets1 - packets0, "bps": bps,
+                                      **probestats.program_runs(progs0, progs1)}
             result[traffic] = record
             log(f"probe profile {traffic}: {record}")
     finally:
-        ipsec.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+        probestats.enable_bpf_stats(False)
         tool.stop()
         tool.discard()
     return result

@@ -164,7 +164,8 @@ def _hot_findings(guest: Mapping[str, Any]) -> List[str]:
     if entries:
         text = ("- On healthy traffic the tool pays for its argument probes: `xt_entry` "
                 "records the arguments of each function whose counter sites do not find them "
-                "in registers (`src/xfrmtrace/resolve/argregs.py`), every time the probe's point runs. "
+                "in registers (`src/xfrmtrace/resolve/argregs.py`), every time the probe's "
+                "point runs. "
                 "Probes at a function's entry: " + ", ".join(f"`{e}`" for e in entries)
                 + " (the others sit later in their function, after its early returns).")
         if "validate_xmit_xfrm" in entries:

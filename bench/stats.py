@@ -151,14 +151,6 @@ def nonzero(counts: Mapping[str, int]) -> Dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-_SA_LIFETIME = re.compile(r"(\d+)\(bytes\), (\d+)\(packets\)")
-
-
-def xfrm_state_packets(text: str) -> int:
-    """Packets counted by the SAs in ``ip -s xfrm state`` output (their current lifetime)."""
-    return sum(int(m[2]) for m in _SA_LIFETIME.finditer(text))
-
-
 _RESOLVED = re.compile(r"xfrmtrace: INFO: (\S+): (\d+) sites (resolved|from cache) \(([\d.]+)s\)")
 _OPENED = re.compile(r"xfrmtrace: INFO: kernel BTF, kallsyms and kcore opened \(([\d.]+)s\)")
 

@@ -154,12 +154,16 @@ static __always_inline __u64 reg_value(const struct saved_regs *saved, __u8 reg)
 	return saved->r[reg];
 }
 
-/* Where a site's function arguments come from: its own registers, else the frame. */
+/*
+ * Where a site's function arguments come from: its own registers or stack slots, else
+ * the frame a recording probe filled.
+ */
 struct arg_source {
 	const struct saved_regs *regs;
 	const struct xt_site_info *si;
 	const struct xt_func_info *fi;
 	const struct xt_frame *frame;
+	__u64 sp;	/* the site's stack pointer */
 };
 
 static __always_inline __u8 role_slot(const struct xt_func_info *fi, int role)
@@ -171,17 +175,27 @@ static __always_inline __u64 site_arg(const struct arg_source *src, int role)
 {
 	__u8 slot = role_slot(src->fi, role);
 
+	__u64 value = 0;
+
 	if (slot >= 6)
 		return 0;
+	if (src->si->arg_reg[slot] == XT_ARG_IN_STACK) {
+		/* a spill slot of the site's own frame: arglocations.py proved it holds the
+		 * argument; a failed read leaves 0, as a missing frame does */
+		bpf_probe_read_kernel(&value, sizeof(value),
+				      (const void *)(src->sp + src->si->arg_sp_off[slot]));
+		return value;
+	}
 	if (src->si->arg_reg[slot] != XT_NO_REG)
 		return reg_value(src->regs, src->si->arg_reg[slot]);
 	return src->frame ? src->frame->args[slot] : 0;
 }
 
 /*
- * True when an argument the site reads is not in a register there.  The flow-only roles
- * are never read without a flow (FunctionArgs.slots, in Python, applies the same
- * XT_FLOW_ONLY_ROLES to decide which functions need a recording probe).
+ * True when an argument the site reads is neither in a register nor in a stack slot
+ * there (XT_NO_REG).  The flow-only roles are never read without a flow
+ * (FunctionArgs.slots, in Python, applies the same XT_FLOW_ONLY_ROLES to decide which
+ * functions need a recording probe).
  */
 static __always_inline bool needs_frame(const struct xt_site_info *si,
 					const struct xt_func_info *fi)
@@ -476,6 +490,7 @@ int xt_site(struct pt_regs *ctx)
 		*count += 1;
 
 	args.si = si;
+	args.sp = PT_REGS_SP(ctx);
 	args.regs = save_regs(ctx);
 	mib = reg_value(args.regs, si->mib_reg);
 	fid = si->func_id;

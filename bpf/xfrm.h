@@ -21,6 +21,8 @@
 #define XT_MAX_STACK		32	/* kernel stack frames per event */
 #define XT_NO_REG		0xff	/* "no register" in site/function info */
 #define XT_NO_ARG		0xff	/* "no argument" in function info */
+#define XT_ARG_IN_STACK		0xfe	/* site info arg_reg: the argument is in the stack */
+#define XT_ARG_STACK_MAX	0xffff	/* largest xt_site_info.arg_sp_off */
 #define XT_DEPTH_UNKNOWN	(-1)
 #define XT_RINGBUF_DEFAULT	(4 << 20)	/* ring buffer bytes unless configured */
 
@@ -96,9 +98,12 @@ struct xt_site_info {
 	__u32 func_id;		/* enclosing function; matches xt_frame */
 	__u8 mib_reg;		/* register holding net->mib.xfrm_statistics */
 	__u8 net_reg;		/* register holding the struct net *, or XT_NO_REG */
-	/* argument 0..5 of the function -> register holding it here, or XT_NO_REG (then
-	 * it comes from the function's frame) */
+	/* argument 0..5 of the function -> register holding it here; XT_ARG_IN_STACK: in
+	 * the 8 bytes at sp + arg_sp_off[n] (a spill slot, arglocations.py); XT_NO_REG: from
+	 * the function's recorded frame */
 	__u8 arg_reg[6];
+	__u16 arg_sp_off[6];
+	__u8 pad[4];
 };
 
 /* Value of map "funcs", keyed by func_id. */

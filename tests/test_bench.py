@@ -10,6 +10,7 @@ import pytest
 
 from bench import notes, report, stats
 from bench.offline import _CutKallsyms
+from vmlab.guest import probestats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,8 +114,8 @@ def test_xfrm_state_packets() -> None:
             "src 10.81.0.2 dst 10.81.0.1\n"
             "\tlifetime current:\n"
             "\t  0(bytes), 0(packets)\n")
-    assert stats.xfrm_state_packets(text) == 789
-    assert stats.xfrm_state_packets("") == 0
+    assert probestats.xfrm_state_packets(text) == 789
+    assert probestats.xfrm_state_packets("") == 0
 
 
 def test_resolver_log_times() -> None:

@@ -327,9 +327,17 @@ BAD_CACHES = {
                               "bad register 'rsp'"),
     "argument register unknown": (_as_text(_edit("arg_regs", ["xmm0"] + [None] * 5)),
                                   "bad register 'xmm0'"),
-    "record point not an object": (_as_text(_edit("record", 5)), "not subscriptable"),
-    "record depth not a number": (_as_text(_edit("record", {
-        "offset": 0, "depth": "deep", "registers": ["rdi"] + [None] * 5})), "bad number"),
+    "record points not a list": (_as_text(_edit("records", 5)), "bad record point list"),
+    "record point not an object": (_as_text(_edit("records", [5])), "not subscriptable"),
+    "record depth not a number": (_as_text(_edit("records", [{
+        "offset": 0, "depth": "deep", "registers": ["rdi"] + [None] * 5}])), "bad number"),
+    "stack offsets not a list": (_as_text(_edit("arg_stack", 8)), "stack offset list"),
+    "stack offset negative": (_as_text(_edit("arg_stack", [-8] + [None] * 5)),
+                              "bad stack offset -8"),
+    "stack offset past the BPF field": (_as_text(_edit("arg_stack", [0x10000] + [None] * 5)),
+                                        "bad stack offset 65536"),
+    "stack offset not a number": (_as_text(_edit("arg_stack", [True] + [None] * 5)),
+                                  "bad stack offset True"),
     # another format or object
     "older format": (_as_text(lambda d: {**d, "format": FORMAT - 1}), "format or object"),
     "newer format": (_as_text(lambda d: {**d, "format": FORMAT + 1}), "format or object"),

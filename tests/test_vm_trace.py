@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import report_line
+from tests.guest import healthy as guest_healthy
 from tests.guest import scenarios
 from tests.support.require import not_applicable
 from vmlab.guest import ipsec
@@ -121,6 +122,35 @@ def test_transmit_path_has_no_argument_probe_at_entry(run: dict) -> None:
                if probe.split()[2].startswith("validate_xmit_xfrm+")]
     assert offsets, "no probe in validate_xmit_xfrm"
     assert min(offsets) > ENTRY_PROBE_OFFSET, sorted(offsets)
+
+
+def test_healthy_traffic_runs_no_probe(run: dict, request) -> None:
+    """Healthy traffic pays nothing per packet (issue 13).  The kernel's own run counts of
+    both BPF programs (bpf_stats_enabled), for ESP and plain traffic, IPv4 and IPv6, TCP
+    and UDP on connected sockets and ping (a route lookup per packet):
+
+    - no site probe ever fires, and on plain traffic no argument probe either;
+    - on ESP traffic argument probes fire only per route lookup that finds an IPsec policy
+      (xfrm_lookup_with_ifid, xfrm_resolve_and_create_bundle: the flow they report is gone
+      by their sites, README "Healthy path"), never per packet of a connection.
+    """
+    healthy = run["healthy"]
+    assert "error" not in healthy, healthy["error"]
+    assert all(v is not None for v in healthy.get("attach_seconds", {}).values()), healthy
+    kinds = healthy["kinds"]
+    assert set(kinds) == set(guest_healthy.ROUTE_LOOKUPS)
+    assert all(delta == {} for delta in healthy["xfrm_stat_delta"].values()), healthy
+    assert healthy["esp_sa_packets"] > guest_healthy.PINGS  # the ESP lab's traffic was ESP
+    report_line(request.config, f"{'':5s} healthy path, xt_entry+xt_site runs per packet: "
+                + ", ".join(f"{kind} {rec['xt_entry']['run_cnt'] / max(rec['packets'], 1):.2f}"
+                            f"+{rec['xt_site']['run_cnt'] / max(rec['packets'], 1):.2f} "
+                            f"({rec['packets']} pkts)" for kind, rec in kinds.items()))
+    for kind, rec in kinds.items():
+        assert rec["packets"] >= guest_healthy.PINGS, (kind, rec)
+        assert rec["xt_site"]["run_cnt"] == 0, (kind, rec)
+        bound = (guest_healthy.LOOKUP_PROBES * guest_healthy.ROUTE_LOOKUPS[kind]
+                 if kind.startswith("esp") else 0)
+        assert rec["xt_entry"]["run_cnt"] <= bound, (kind, rec)
 
 
 def test_event_counts_equal_proc_counters(run: dict) -> None:

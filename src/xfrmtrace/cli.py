@@ -255,15 +255,23 @@ def _open_view(args: argparse.Namespace):  # -> KernelView
 
 def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
     from xfrmtrace.resolve import discovery  # deferred: start-up
+    from xfrmtrace.resolve.model import argument_sources  # deferred: start-up
 
     view = _open_view(args)
     try:
         resolution = discovery.resolve_sites(view, cache=_site_cache(args))
+        functions = {(f.object, f.function): f
+                     for f in discovery.function_arguments(view, resolution.sites)}
     finally:
         view.close()
     if args.output == "json":
-        records = resolution.audit if args.audit else resolution.sites
-        json.dump([asdict(r) for r in records], out, indent=1)
+        if args.audit:
+            records = [asdict(a) for a in resolution.audit]
+        else:
+            records = [asdict(s) | {"arguments": argument_sources(
+                s, functions.get((s.object, s.entry_function or "")))}
+                for s in resolution.sites]
+        json.dump(records, out, indent=1)
         out.write("\n")
         return 0
     if args.audit:

@@ -3,15 +3,17 @@
 Runs INSIDE the VM as root, once per kernel:
 
 1. Starts ``xfrmtrace trace --output json`` before any IPsec module is loaded.
-2. Late modules: loads xfrm_interface and waits for the tool to report its probes, then
+2. Healthy path (tests/guest/healthy.py): ESP and plain traffic that moves no counter,
+   with the kernel counting every run of the tool's BPF programs.
+3. Late modules: loads xfrm_interface and waits for the tool to report its probes, then
    unloads it and waits for the tool to drop them (kprobes list snapshots either side).
-   esp4 and esp6 get loaded by the scenarios' first ``ip xfrm state add``.
-3. Runs every scenario (tests/guest/scenarios.py) in its own namespaces, all kept alive
+   esp4 and esp6 got loaded by the healthy phase's ``ip xfrm state add``.
+4. Runs every scenario (tests/guest/scenarios.py) in its own namespaces, all kept alive
    until the tool stops: namespace inodes are reused once a namespace is gone, and keeping
    them makes each inode name exactly one namespace.
-4. Reads every namespace's /proc/net/xfrm_stat, stops the tool with SIGINT, checks that
+5. Reads every namespace's /proc/net/xfrm_stat, stops the tool with SIGINT, checks that
    no kprobe is left behind.
-5. Resolver audit: loads every module with sites and runs ``xfrmtrace sites --audit``.
+6. Resolver audit: loads every module with sites and runs ``xfrmtrace sites --audit``.
 
 Everything the host-side assertions need lands in ``<out>/results.json``.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from tests.guest import scenarios
+from tests.guest.healthy import healthy_phase
 from vmlab.guest import ipsec
 from vmlab.guest.tool import (
     SITE_MODULES,
@@ -102,6 +105,7 @@ def run(out: Path, names: List[str], count: int, extra: List[str], output: str =
         ready = tool.wait_ready()
         results["ready_seconds"] = round(time.monotonic() - started, 1)
         if ready and not quick:
+            results["healthy"] = healthy_phase(tool)
             results["late_module"] = late_module_phase(tool)
         if ready:
             t0 = time.monotonic()

@@ -31,6 +31,8 @@ XT_COMM_LEN = 16
 XT_MAX_STACK = 32
 XT_NO_REG = 0xFF
 XT_NO_ARG = 0xFF
+XT_ARG_IN_STACK = 0xFE
+XT_ARG_STACK_MAX = 0xFFFF
 XT_DEPTH_UNKNOWN = -1
 XT_RINGBUF_DEFAULT = 4 << 20
 
@@ -135,6 +137,8 @@ class XtSiteInfo(ctypes.Structure):
         ("mib_reg", ctypes.c_uint8),
         ("net_reg", ctypes.c_uint8),
         ("arg_reg", ctypes.c_uint8 * 6),
+        ("arg_sp_off", ctypes.c_uint16 * 6),
+        ("pad", ctypes.c_uint8 * 4),
     ]
 
 

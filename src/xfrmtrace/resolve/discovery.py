@@ -12,7 +12,7 @@ from xfrmtrace.kernel import jumplabels
 from xfrmtrace.kernel.kallsyms import VMLINUX
 from xfrmtrace.kernel.view import KernelView
 from xfrmtrace.resolve.funcargs import function_args
-from xfrmtrace.resolve.model import FunctionArgs, Resolution, Site, in_registers
+from xfrmtrace.resolve.model import ENTRY_RECORD, FunctionArgs, Resolution, Site
 from xfrmtrace.resolve.sitecache import SiteCache, kernel_build_id, module_build_id
 
 log = logging.getLogger("xfrmtrace.resolve.discovery")
@@ -36,10 +36,10 @@ class ArgumentRoles:
             return None
         return function_args(btf, function, address, obj)
 
-    def slots(self, function: str, obj: str) -> frozenset[int]:
-        """Argument positions an event of ``function``'s sites reads."""
+    def needs(self, function: str, obj: str) -> dict[int, int]:
+        """Argument positions an event of ``function``'s sites reads -> bytes it uses."""
         args = self.of(function, obj)
-        return args.slots if args is not None else frozenset()
+        return args.needs if args is not None else {}
 
     def close(self) -> None:
         for btf in self._module_btf.values():
@@ -76,7 +76,7 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
                                                     view.syms.core_text_range())
                               if VMLINUX in names else None)
                     resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                                            view.model.counters, roles.slots, labels)
+                                            view.model.counters, roles.needs, labels)
                 part = resolver.resolve([obj])
                 how = "resolved"
                 if cache and build_id:
@@ -99,7 +99,7 @@ def _build_id(view: KernelView, obj: str) -> Optional[str]:
 
 def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs]:
     """Argument roles of each distinct entry function among ``sites``, and where they are
-    recorded: nowhere when every site of the function holds them in registers."""
+    recorded: nowhere when every site of the function finds them itself (register, stack)."""
     by_function: dict[tuple[str, str], list[Site]] = {}
     for site in sites:
         if site.entry_function is not None:
@@ -111,10 +111,14 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
             args = roles.of(function, obj)
             if args is None:
                 continue
-            if all(in_registers(site.arg_regs, args.slots) for site in its_sites):
-                args.record = None
-            elif its_sites[0].record is not None:
-                args.record = its_sites[0].record
+            if all(site.holds(args.slots) for site in its_sites):
+                args.records = ()
+            else:
+                # Each site's points cut every path to it; the union serves them all.  A site
+                # without any (resolved without roles) keeps the entry.
+                points = {point for site in its_sites if not site.holds(args.slots)
+                          for point in site.records or (ENTRY_RECORD,)}
+                args.records = tuple(sorted(points, key=lambda p: p.offset))
             result.append(args)
     finally:
         roles.close()

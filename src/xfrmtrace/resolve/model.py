@@ -13,6 +13,12 @@ from xfrmtrace.resolve.x86_registers import ARGUMENT_REGISTERS
 ARG_ROLES: tuple[XtArgRole, ...] = tuple(r for r in XtArgRole if r is not XtArgRole.NUM)
 
 
+#: Bytes of an argument the BPF side uses: ``(__u16)site_arg(src, XT_ARG_FAMILY)`` keeps the
+#: low two of the family; every other role is a pointer, used whole.
+ROLE_BYTES: dict[XtArgRole, int] = {XtArgRole.FAMILY: 2}
+POINTER_BYTES = 8
+
+
 def in_registers(registers: tuple[Optional[str], ...], slots: Iterable[int]) -> bool:
     """True when ``registers`` (argument slot -> register) names a register for every slot."""
     return all(slot < len(registers) and registers[slot] is not None for slot in slots)
@@ -25,6 +31,10 @@ class RecordPoint:
     offset: int  # bytes from the function's start
     depth: int  # sp(entry) - sp(here) in bytes
     registers: tuple[Optional[str], ...]  # argument slot 0..5 -> register holding it here
+
+
+#: Recording at the function's entry: every argument still in its own register.
+ENTRY_RECORD = RecordPoint(offset=0, depth=0, registers=ARGUMENT_REGISTERS)
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,26 @@ class Site:
     code: str = ""  # the instruction's bytes (hex): a cached site is checked against them
     # Argument slot 0..5 -> register holding that argument of entry_function at the site.
     arg_regs: tuple[Optional[str], ...] = ()
-    # Where entry_function's other arguments are recorded; None: at its entry.
-    record: Optional[RecordPoint] = None
+    # Argument slot 0..5 -> else the stack slot holding it: bytes above the site's sp.
+    arg_stack: tuple[Optional[int], ...] = ()
+    # Where entry_function's other arguments are recorded (every path to the site passes
+    # one of them); () when the site reads none from a recorded frame.
+    records: tuple[RecordPoint, ...] = ()
+
+    def holds(self, slots: Iterable[int]) -> bool:
+        """True when the site finds every argument in ``slots`` itself (register or stack),
+        without a recorded frame."""
+        return all(in_registers(self.arg_regs, (slot,)) or (
+            slot < len(self.arg_stack) and self.arg_stack[slot] is not None) for slot in slots)
+
+    def argument_source(self, slot: int) -> str:
+        """Where the site reads argument ``slot``: ``rbx``, ``stack sp+0x18`` or ``record``
+        (the frame a recording probe filled)."""
+        if in_registers(self.arg_regs, (slot,)):
+            return str(self.arg_regs[slot])
+        if slot < len(self.arg_stack) and self.arg_stack[slot] is not None:
+            return f"stack sp+{self.arg_stack[slot]:#x}"
+        return "record"
 
     @property
     def label(self) -> str:
@@ -63,9 +91,9 @@ class FunctionArgs:
     object: str = "vmlinux"  # "vmlinux" or the module name
     # Role -> argument position 0..5, for the roles the function has.
     positions: dict[XtArgRole, int] = field(default_factory=dict)
-    # Where the recording probe goes: None when every site finds the arguments in its own
-    # registers (no probe at all), else a RecordPoint (offset 0: the entry).
-    record: Optional[RecordPoint] = RecordPoint(0, 0, ARGUMENT_REGISTERS)
+    # Where the recording probes go: () when every site finds the arguments itself (no
+    # probe at all); ENTRY_RECORD (offset 0) is the function's entry.
+    records: tuple[RecordPoint, ...] = (ENTRY_RECORD,)
 
     @property
     def slots(self) -> frozenset[int]:
@@ -74,6 +102,35 @@ class FunctionArgs:
         has_flow = XtArgRole.FLOW in self.positions
         return frozenset(position for role, position in self.positions.items()
                          if has_flow or not XT_FLOW_ONLY_ROLES >> role & 1)
+
+    @property
+    def needs(self) -> dict[int, int]:
+        """Each of :attr:`slots` -> how many of its low bytes the BPF side uses."""
+        result: dict[int, int] = {}
+        for role, position in self.positions.items():
+            if position in self.slots:
+                result[position] = max(result.get(position, 0),
+                                       ROLE_BYTES.get(role, POINTER_BYTES))
+        return result
+
+
+def argument_sources(site: Site, args: Optional[FunctionArgs]) -> dict[str, str]:
+    """Role name (``skb``, ``flow``, ...) -> where ``site`` reads that argument of its
+    function: a register, ``stack sp+0x18``, or the recording probe (``record at entry``,
+    ``record at f+0xb4``); what ``sites --output json`` shows."""
+    if args is None:
+        return {}
+    result = {}
+    for role, slot in sorted(args.positions.items()):
+        if slot not in args.slots:
+            continue
+        source = site.argument_source(slot)
+        if source == "record":
+            source = "record at " + ", ".join(
+                "entry" if point.offset == 0 else f"{args.function}+{point.offset:#x}"
+                for point in site.records or args.records)
+        result[role.name.lower()] = source
+    return result
 
 
 # How the resolver classified a gs-relative increment (AuditEntry.classification).

@@ -16,13 +16,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from xfrmtrace.bpf.abi import XT_ARG_STACK_MAX
 from xfrmtrace.kernel.view import KernelView
 from xfrmtrace.resolve.model import AuditEntry, RecordPoint, Resolution, Site
 from xfrmtrace.resolve.x86_registers import GPR64
 
 log = logging.getLogger("xfrmtrace.resolve.sitecache")
 
-FORMAT = 4  # bump when Site/AuditEntry or the resolver's rules change
+FORMAT = 5  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
 
 
@@ -136,11 +137,14 @@ class SiteCache:
         address = self._address(obj, record, view)
         fields = {k: v for k, v in record.items() if k != "address"}
         fields["arg_regs"] = _registers(fields.get("arg_regs", ()))
-        if fields.get("record") is not None:
-            point = fields["record"]
-            fields["record"] = RecordPoint(offset=_int(point["offset"]),
-                                           depth=_int(point["depth"]),
-                                           registers=_registers(point["registers"]))
+        fields["arg_stack"] = _stack_offsets(fields.get("arg_stack", ()))
+        points = fields.get("records", [])
+        if not isinstance(points, list):
+            raise ValueError(f"bad record point list {points!r}")
+        fields["records"] = tuple(RecordPoint(offset=_int(point["offset"]),
+                                              depth=_int(point["depth"]),
+                                              registers=_registers(point["registers"]))
+                                  for point in points)
         site = Site(address=address, **fields)
         self._check_instruction(site, view)
         return site
@@ -162,6 +166,17 @@ def _registers(value: Any) -> tuple[Optional[str], ...]:
     for name in value:
         if name is not None and (name not in GPR64 or name == "rsp"):
             raise ValueError(f"bad register {name!r}")
+    return tuple(value)
+
+
+def _stack_offsets(value: Any) -> tuple[Optional[int], ...]:
+    """A cached argument-slot -> stack offset list, checked: it ends up in BPF maps (u16)."""
+    if not isinstance(value, list) or len(value) not in (0, 6):
+        raise ValueError(f"bad stack offset list {value!r}")
+    for offset in value:
+        if offset is not None and not (isinstance(offset, int) and not isinstance(offset, bool)
+                                       and 0 <= offset <= XT_ARG_STACK_MAX):
+            raise ValueError(f"bad stack offset {offset!r}")
     return tuple(value)
 
 

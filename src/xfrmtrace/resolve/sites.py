@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import capstone
 from capstone import x86_const as X86
@@ -26,8 +26,21 @@ from capstone import x86_const as X86
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import VMLINUX, Function, Kallsyms
 from xfrmtrace.resolve.argregs import plan_arguments
-from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM, AuditEntry, Resolution, Site
-from xfrmtrace.resolve.x86_code import FunctionCode, mem_operand, reaching_definitions
+from xfrmtrace.resolve.model import (
+    DOUBTFUL,
+    OTHER,
+    POINTER_BYTES,
+    XFRM,
+    AuditEntry,
+    Resolution,
+    Site,
+)
+from xfrmtrace.resolve.x86_code import (
+    NORETURN_FUNCTIONS,
+    FunctionCode,
+    mem_operand,
+    reaching_definitions,
+)
 from xfrmtrace.resolve.x86_registers import reg64
 
 # gs prefix, REX.W (any R/X/B), then inc r/m64 (FF /0) or add r/m64, imm8 (83 /0)
@@ -39,6 +52,8 @@ _SCAN_OVERLAP = 16  # > the length of a _GS_INCREMENT match
 
 
 ReadText = Callable[[int, int], bytes]
+# Argument slot -> bytes of it the BPF side uses; a plain set of slots: whole pointers.
+Needs = Union[Mapping[int, int], frozenset[int]]
 
 
 class SiteResolver:
@@ -46,10 +61,11 @@ class SiteResolver:
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
                  counters: dict[int, str],
-                 needed_slots: Optional[Callable[[str, str], frozenset[int]]] = None,
+                 needed_slots: Optional[Callable[[str, str], Needs]] = None,
                  jump_labels: Optional[Mapping[int, int]] = None) -> None:
         """``needed_slots(function, object)``: the argument positions events of that
-        function's sites read (from BTF); without it, arguments are recorded at entry.
+        function's sites read (from BTF), each with the bytes of it they use (a plain set:
+        whole pointers); without it, arguments are recorded at entry.
         ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
         self._read = read
         self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
@@ -60,6 +76,8 @@ class SiteResolver:
         if mib_offset < 0x80:
             self._mib_bytes.append(bytes([mib_offset]))
         self._counters = counters
+        self._noreturn = frozenset(address for address in map(syms.address, NORETURN_FUNCTIONS)
+                                   if address is not None)
         self._lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self._detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self._detail.detail = True
@@ -123,7 +141,7 @@ class SiteResolver:
                                                 "net->mib.xfrm_statistics"))
             return
         code = FunctionCode(code_bytes, self._lite, self._detail,
-                            self._jump_labels if obj == VMLINUX else None)
+                            self._jump_labels if obj == VMLINUX else None, self._noreturn)
         offsets: Optional[dict[int, Optional[int]]] = None
         first_site = len(result.sites)
         for addr in addrs:
@@ -136,18 +154,21 @@ class SiteResolver:
             self._classify_site(code, i, parent, offsets, result)
         found = result.sites[first_site:]
         if found and offsets is not None and parts[0].name == parent:
-            result.sites[first_site:] = self._with_argument_plan(code, found, offsets)
+            result.sites[first_site:] = self._with_argument_plan(code, found)
 
-    def _with_argument_plan(self, code: FunctionCode, found: list[Site],
-                            offsets: dict[int, Optional[int]]) -> list[Site]:
+    def _with_argument_plan(self, code: FunctionCode, found: list[Site]) -> list[Site]:
         """``found`` (sites of one function, its entry part known) with where their
         arguments come from: see argregs.py."""
         entry_function = found[0].entry_function
         if self._needed_slots is None or entry_function is None:
             return found
-        needed = self._needed_slots(entry_function, found[0].object)
-        plan = plan_arguments(code, [code.index[s.address] for s in found], needed, offsets)
-        return [replace(s, arg_regs=plan.site_registers, record=plan.record) for s in found]
+        needs = self._needed_slots(entry_function, found[0].object)
+        needed = (dict(needs) if isinstance(needs, Mapping)
+                  else dict.fromkeys(needs, POINTER_BYTES))
+        plan = plan_arguments(code, [code.index[s.address] for s in found], needed)
+        return [replace(s, arg_regs=where.registers, arg_stack=where.stack,
+                        records=plan.records if needed.keys() - where.slots() else ())
+                for s, where in zip(found, plan.sites)]
 
     def _group_parts(self, parent: str, obj: str, fallback: Function) -> list[Function]:
         """The function and its compiler-split ``.cold`` parts, entry first."""

@@ -25,6 +25,14 @@ from xfrmtrace.resolve.model import OTHER, XFRM
 from xfrmtrace.resolve.x86_registers import CALLER_SAVED, reg64
 
 _BLOCK_LIMIT = 256  # (block, register) pairs a backward search may visit per site
+_PADDING = ("nop", "int3")  # what unreachable bytes between functions may hold
+#: Kernel functions that never return (a subset of objtool's list, tools/objtool/
+#: noreturns.h, those XFRM code calls): the instruction after a call to one is not reached
+#: from the call.  Without this, ``call __stack_chk_fail`` appears to fall through into the
+#: next block, a path that never runs.
+NORETURN_FUNCTIONS = ("__stack_chk_fail", "__fortify_panic", "fortify_panic", "panic",
+                      "vpanic", "do_exit", "make_task_dead", "usercopy_abort",
+                      "__ubsan_handle_builtin_unreachable")
 
 
 # --- code model -------------------------------------------------------------
@@ -63,10 +71,13 @@ class FunctionCode:
     """Disassembly and control-flow graph of a function and its ``.cold`` parts."""
 
     def __init__(self, parts: list[tuple[Function, bytes]], lite: capstone.Cs,
-                 detail: capstone.Cs, jump_labels: Optional[LabelIndex] = None) -> None:
+                 detail: capstone.Cs, jump_labels: Optional[LabelIndex] = None,
+                 noreturn: frozenset[int] = frozenset()) -> None:
         """``jump_labels``: static branch address -> target for the whole text, or None when
-        unknown (then any jump may fall through and any nop may jump: see argregs.py)."""
+        unknown (then any jump may fall through and any nop may jump: see argregs.py).
+        ``noreturn``: addresses of functions that never return (NORETURN_FUNCTIONS)."""
         self.entry = parts[0][0].start
+        self._noreturn = noreturn
         self.entry_end = self.entry + len(parts[0][1])  # end of the first part's bytes
         self._detail = detail
         self._bytes: list[tuple[int, bytes]] = [(f.start, code) for f, code in parts]
@@ -100,7 +111,7 @@ class FunctionCode:
         leaders = set(part_starts)
         labels = self.jump_labels or {}
         for i, insn in enumerate(self.insns):
-            if _ends_block(insn) or insn.address in labels:
+            if _ends_block(insn) or insn.address in labels or self._never_returns(insn):
                 leaders.add(i + 1)
                 target = labels.get(insn.address, branch_target(insn))
                 if target is not None and target in self.index:
@@ -115,6 +126,9 @@ class FunctionCode:
                 self.block_of[i] = n
         for n, block in enumerate(self.blocks):
             self._link(n, block)
+
+    def _never_returns(self, insn: Insn) -> bool:
+        return insn.mnemonic == "call" and branch_target(insn) in self._noreturn
 
     def _contiguous(self, i: int) -> bool:
         """Whether instruction i+1 directly follows instruction i in memory."""
@@ -143,7 +157,12 @@ class FunctionCode:
                 succs.append(self.block_of[self.index[target]])
             if m != "jmp" and self._contiguous(block.last):
                 succs.append(self.block_of[block.last + 1])
-        elif not _ends_block(last) and self._contiguous(block.last):
+        elif m == "ud2" and self._contiguous(block.last):
+            # WARN_ON() is a ud2 the trap handler resumes after (BUG() never does, and an
+            # edge too many only costs precision).
+            succs.append(self.block_of[block.last + 1])
+        elif not _ends_block(last) and not self._never_returns(last) \
+                and self._contiguous(block.last):
             succs.append(self.block_of[block.last + 1])
         block.succs = succs
         for s in succs:
@@ -179,30 +198,92 @@ class FunctionCode:
         _read, written = d.regs_access()
         return {r for r in (reg64(d.reg_name(x)) for x in written) if r}
 
+    # control flow, complete
+    def sound_successors(self) -> Optional[dict[int, set[int]]]:
+        """Block -> every block that may run next, reachable blocks only; None when the
+        graph may be incomplete (an indirect jump, or real code no known edge reaches: a
+        jump table's targets).
+
+        The kernel rewrites static branches (jump labels) while it runs: a ``jmp`` may
+        become a nop and fall through, a nop may become a jump.  With the kernel's jump
+        label table (jumplabels.py) each static branch has both edges already.  Without it
+        every jump within the function also falls through here, and a function holding a
+        nop that may be a static branch has no sound graph at all.
+        """
+        if any(block.indirect for block in self.blocks):
+            return None
+        succs = {n: self._successors(n) for n in range(len(self.blocks))}
+        entry = self.block_of[0]
+        reachable = {entry}
+        work = [entry]
+        while work:
+            for succ in succs[work.pop()]:
+                if succ not in reachable:
+                    reachable.add(succ)
+                    work.append(succ)
+        if self.jump_labels is None and any(self._is_jump_label_nop(i) for n in reachable
+               for i in range(self.blocks[n].first, self.blocks[n].last + 1)):
+            return None
+        for n, block in enumerate(self.blocks):
+            if n not in reachable and not all(self.insns[i].mnemonic in _PADDING
+                                              for i in range(block.first, block.last + 1)):
+                return None
+        return {n: succs[n] for n in reachable}
+
+    def _successors(self, n: int) -> set[int]:
+        """Block n's successors; without the jump label table a jump within the function
+        also falls through."""
+        block = self.blocks[n]
+        result = set(block.succs)
+        if self.jump_labels is not None:
+            return result  # the static branches are known and already have both edges
+        last = self.insns[block.last]
+        target = branch_target(last)
+        if last.mnemonic == "jmp" and target in self.index and self._contiguous(block.last):
+            result.add(self.block_of[block.last + 1])
+        return result
+
+    def _is_jump_label_nop(self, i: int) -> bool:
+        """The 5- or 2-byte nop a disabled static branch is patched to (the ftrace hook at
+        the entry aside)."""
+        insn = self.insns[i]
+        return i > 1 and insn.mnemonic == "nop" and insn.size in (2, 5) and (
+            insn.op_str in ("dword ptr [rax + rax]", ""))
+
     # stack depth
     def stack_offsets(self) -> dict[int, Optional[int]]:
         """sp relative to function entry, before each instruction (None: unknown)."""
+        return {i: sp for i, (sp, _bp) in self.frame_offsets().items()}
+
+    def frame_offsets(self) -> dict[int, tuple[Optional[int], Optional[int]]]:
+        """(sp, rbp as a frame pointer) relative to the sp at function entry, before each
+        reachable instruction (None: unknown, or rbp is no frame pointer there)."""
         entry_block = self.block_of[0]
         state_in: dict[int, tuple[Optional[int], Optional[int]]] = {entry_block: (0, None)}
-        out: dict[int, Optional[int]] = {}
+        out: dict[int, tuple[Optional[int], Optional[int]]] = {}
         work = [entry_block]
         while work:
             n = work.pop()
             sp, bp = state_in[n]
             block = self.blocks[n]
             for i in range(block.first, block.last + 1):
-                out[i] = sp
+                out[i] = (sp, bp)
                 sp, bp = _stack_effect(self.insns[i], sp, bp)
             for s in block.succs:
-                new = (sp, bp)
                 old = state_in.get(s)
-                if old is None:
-                    state_in[s] = new
-                    work.append(s)
-                elif old != new and old[0] is not None:
-                    state_in[s] = (None, None)  # paths disagree: depth unknown there
+                merged = (sp, bp) if old is None else _meet(old, (sp, bp))
+                if merged != old:  # each block's state only ever loses knowledge: ends
+                    state_in[s] = merged
                     work.append(s)
         return out
+
+
+def _meet(a: tuple[Optional[int], Optional[int]],
+          b: tuple[Optional[int], Optional[int]]) -> tuple[Optional[int], Optional[int]]:
+    """Where paths with frame states a and b join: what they agree on stays known."""
+    sp = a[0] if a[0] == b[0] else None
+    bp = a[1] if a[1] == b[1] and sp is not None else None
+    return sp, bp
 
 
 def _imm(text: str) -> Optional[int]:

@@ -118,17 +118,19 @@ class Tracer:
             if func_id is None:
                 report.entries_failed.append((func.function, "function table full"))
                 continue
-            if func.record is None:
+            if not func.records:
                 report.entries_unneeded += 1
                 continue
-            try:
-                offset = func.record.offset
-                self._keep(func.object, _attach(entry_prog, func.function, offset,
-                                                 func.address + offset, bool(self._by_address)))
-                report.entries_attached += 1
-            except OSError as err:
-                report.entries_failed.append((func.function, err.strerror or str(err)))
-                log.info("no argument recording for %s: %s", func.function, err)
+            for point in func.records:
+                try:
+                    self._keep(func.object, _attach(entry_prog, func.function, point.offset,
+                                                     func.address + point.offset,
+                                                     bool(self._by_address)))
+                    report.entries_attached += 1
+                except OSError as err:
+                    report.entries_failed.append((func.function, err.strerror or str(err)))
+                    log.info("no argument recording for %s+%#x: %s", func.function,
+                             point.offset, err)
         site_prog = self._obj.program("xt_site")
         for site in sites:
             self._sites_expected[site.object] = self._sites_expected.get(site.object, 0) + 1
@@ -179,17 +181,16 @@ class Tracer:
         for role, position in func.positions.items():
             info.arg_slot[role] = position
         self._obj.map("funcs").update(_u32(func_id), bytes(info))
-        if func.record is None:
-            return func_id
-        entry = abi.XtEntryInfo(depth=func.record.depth, func_id=func_id)
-        for slot in range(len(entry.arg_reg)):
-            entry.arg_reg[slot] = _register_number(func.record.registers, slot)
         entries = self._obj.map("entries")
-        address = func.address + func.record.offset
-        addresses = [address, address + _ENDBR64_SIZE] if func.record.offset == 0 else [address]
-        for address in addresses:
-            entries.update(_u64(address), bytes(entry))
-            self._addresses.setdefault(func.object, []).append(("entries", address))
+        for point in func.records:
+            entry = abi.XtEntryInfo(depth=point.depth, func_id=func_id)
+            for slot in range(len(entry.arg_reg)):
+                entry.arg_reg[slot] = _register_number(point.registers, slot)
+            address = func.address + point.offset
+            addresses = [address, address + _ENDBR64_SIZE] if point.offset == 0 else [address]
+            for address in addresses:
+                entries.update(_u64(address), bytes(entry))
+                self._addresses.setdefault(func.object, []).append(("entries", address))
         return func_id
 
     def _register_site(self, site: Site) -> bool:
@@ -210,6 +211,10 @@ class Tracer:
         )
         for slot in range(len(info.arg_reg)):
             info.arg_reg[slot] = _register_number(site.arg_regs, slot)
+            stack = site.arg_stack[slot] if slot < len(site.arg_stack) else None
+            if info.arg_reg[slot] == abi.XT_NO_REG and stack is not None:
+                info.arg_reg[slot] = abi.XT_ARG_IN_STACK
+                info.arg_sp_off[slot] = stack
         self._obj.map("sites").update(_u64(site.address), bytes(info))
         self._addresses.setdefault(site.object, []).append(("sites", site.address))
         return True
