@@ -223,6 +223,7 @@ def render(meta: Mapping[str, Any], guest: Mapping[str, Any],
         f"Written by `make bench` (`bench/run.py`) on {meta['date']}. Raw numbers: "
         "`bench/results.json`.\n",
         _meta_table(meta, guest),
+        *healthy_section(guest.get("healthy")),
         "## Results\n",
         markdown_table(HEADERS, rows),
     ]
@@ -232,6 +233,43 @@ def render(meta: Mapping[str, Any], guest: Mapping[str, Any],
         for phase, trace in guest["errors"].items():
             parts.append(f"`{phase}`:\n\n```\n{trace.strip()[-1500:]}\n```\n")
     return "\n".join(parts)
+
+
+#: Healthy traffic kinds (vmlab/guest/healthy.py), in the order the headline shows them.
+HEALTHY_KINDS = ("esp-tcp", "esp6-tcp", "esp-udp", "esp-ping", "plain-tcp", "plain-udp",
+                 "plain-ping")
+
+
+def healthy_runs_per_packet(record: Mapping[str, Any]) -> Optional[float]:
+    """Runs of both tool programs per packet of one kind of healthy traffic."""
+    packets = record.get("packets") or 0
+    if not packets:
+        return None
+    runs = sum(record.get(prog, {}).get("run_cnt", 0) for prog in ("xt_entry", "xt_site"))
+    return runs / packets
+
+
+def healthy_section(profiles: Optional[Mapping[str, Any]]) -> List[str]:
+    """The headline: probe runs per healthy packet, per kernel and kind of traffic."""
+    if not profiles:
+        return []
+    rows = []
+    for series, record in profiles.items():
+        kinds = record.get("kinds", {})
+        row = [f"{series} ({record.get('kernel', '?')})"]
+        for kind in HEALTHY_KINDS:
+            value = healthy_runs_per_packet(kinds[kind]) if kind in kinds else None
+            row.append("failed" if "error" in record else
+                       "?" if value is None else f"{value:.2f}")
+        rows.append(row)
+    return ["## Headline: probe runs per healthy packet\n",
+            "Runs of the tool's BPF programs (`xt_entry` + `xt_site`, the kernel's own "
+            "`run_cnt` with `kernel.bpf_stats_enabled=1`) per packet on the lab's veth, one "
+            "boot per kernel (`vmlab/guest/healthy.py`: 2 MiB of TCP, 500 UDP datagrams on "
+            "connected sockets, 100 pings). ESP traffic pays only per output route lookup "
+            "that finds a policy: once per connection, and per packet for ping, which "
+            "looks the route up for every echo (README, \"Healthy path\").\n",
+            markdown_table(("kernel", *HEALTHY_KINDS), rows)]
 
 
 def _meta_table(meta: Mapping[str, Any], guest: Mapping[str, Any]) -> str:

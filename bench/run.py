@@ -1,6 +1,7 @@
 """``make bench``: boot one kernel in the VM lab, run :mod:`bench.guest` in it, time the
-resolver offline on the host (:mod:`bench.offline`), write ``bench/RESULTS.md`` and
-``bench/results.json``.
+resolver offline on the host (:mod:`bench.offline`), measure the healthy path's probe runs
+on every kernel of the matrix (one short boot each, :mod:`vmlab.guest.healthy`), write
+``bench/RESULTS.md`` and ``bench/results.json``.
 
 The CPU is shared with whatever else runs on this machine, and under TCG every guest
 instruction is host CPU time, so the run first waits (``--wait-idle`` seconds at most) until
@@ -97,6 +98,27 @@ def missing_tools() -> List[str]:
     return [t for t in GUEST_TOOLS if shutil.which(t, path=search) is None]
 
 
+def healthy_profiles(series: List[str], workdir: Path) -> Dict[str, Any]:
+    """Per kernel series: one boot running vmlab.guest.healthy (the tool attached, healthy
+    ESP and plain traffic, the kernel's run counts of the tool's BPF programs)."""
+    profiles: Dict[str, Any] = {}
+    for name in series:
+        kernel = kernels.fetch_kernel(name)
+        rwdir = workdir / f"healthy-{name}"
+        shutil.rmtree(rwdir, ignore_errors=True)
+        rwdir.mkdir(parents=True)
+        out = rwdir / "out"
+        result = vm.run_in_vm(kernel, f"{sys.executable} -m vmlab.guest.healthy --out {out}",
+                              rwdir=rwdir, cwd=REPO, timeout=900, memory=MEMORY, cpus=2,
+                              env={"PYTHONPYCACHEPREFIX": PYCACHE})
+        path = out / "healthy.json"
+        profiles[name] = (json.loads(path.read_text()) if path.exists()
+                          else {"error": result.describe()[-1500:]})
+        profiles[name]["seconds"] = round(result.seconds, 1)
+        log(f"healthy path on {kernel.version}: {profiles[name].get('kinds', profiles[name])}")
+    return profiles
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--kernel", default="6.12", help="kernel series (vmlab/host/kernels.py)")
@@ -109,6 +131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--storm-cpus", type=int, default=0,
                         help="trafgen processes (default: one per guest vCPU)")
     parser.add_argument("--offline-repeats", type=int, default=5)
+    parser.add_argument("--healthy-kernels", default="all",
+                        help="kernel series whose healthy-path probe runs are measured, one "
+                             "boot each (comma separated; all: the matrix; none)")
     parser.add_argument("--wait-idle", type=float, default=1800.0,
                         help="wait at most this long for other qemus to finish")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/xfrmtrace-bench"))
@@ -168,6 +193,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            kernels.cache_dir() / "bench", args.offline_repeats)
             except Exception as err:  # noqa: BLE001 - report it in RESULTS.md
                 guest.setdefault("errors", {})["offline resolver"] = repr(err)
+        chosen = args.healthy_kernels.replace(",", " ").split()
+        if chosen != ["none"]:
+            guest["healthy"] = healthy_profiles(
+                list(kernels.MATRIX) if chosen == ["all"] else chosen, args.workdir)
     finally:
         watch.stop()
     total = time.monotonic() - started

@@ -406,3 +406,23 @@ def test_render_reports_failed_phases() -> None:
     text = report.render({**META, "notes_sections": []}, guest, None)
     assert "## Phases that failed" in text and "trafgen failed" in text
     assert "2. XfrmInNoStates" not in text
+
+
+def test_healthy_headline_per_kernel_and_traffic() -> None:
+    profiles = {
+        "6.12": {"kernel": "6.12.117+deb13-amd64", "kinds": {
+            "esp-tcp": {"packets": 2000, "xt_entry": {"run_cnt": 6}, "xt_site": {"run_cnt": 0}},
+            "esp-ping": {"packets": 200, "xt_entry": {"run_cnt": 402},
+                         "xt_site": {"run_cnt": 0}},
+            "plain-tcp": {"packets": 0, "xt_entry": {"run_cnt": 0}, "xt_site": {"run_cnt": 0}},
+        }},
+        "5.10": {"error": "boot failed"},
+    }
+    text = "\n".join(report.healthy_section(profiles))
+    (row_612,) = [line for line in text.splitlines() if line.startswith("| 6.12 ")]
+    cells = [c.strip() for c in row_612.strip("|").split("|")]
+    kinds = dict(zip(report.HEALTHY_KINDS, cells[1:]))
+    assert kinds["esp-tcp"] == "0.00" and kinds["esp-ping"] == "2.01"
+    assert kinds["plain-tcp"] == "?" and kinds["esp-udp"] == "?"  # no packets / not measured
+    assert "| 5.10 (?) | failed |" in text
+    assert report.healthy_section(None) == []

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import report_line
-from tests.guest import healthy as guest_healthy
 from tests.guest import scenarios
 from tests.support.require import not_applicable
+from vmlab.guest import healthy as guest_healthy
 from vmlab.guest import ipsec
 from vmlab.guest import tool as guest_tool
 from vmlab.host import kernels, vm

@@ -3,7 +3,7 @@
 Runs INSIDE the VM as root, once per kernel:
 
 1. Starts ``xfrmtrace trace --output json`` before any IPsec module is loaded.
-2. Healthy path (tests/guest/healthy.py): ESP and plain traffic that moves no counter,
+2. Healthy path (vmlab/guest/healthy.py): ESP and plain traffic that moves no counter,
    with the kernel counting every run of the tool's BPF programs.
 3. Late modules: loads xfrm_interface and waits for the tool to report its probes, then
    unloads it and waits for the tool to drop them (kprobes list snapshots either side).
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from tests.guest import scenarios
-from tests.guest.healthy import healthy_phase
 from vmlab.guest import ipsec
+from vmlab.guest.healthy import healthy_phase
 from vmlab.guest.tool import (
     SITE_MODULES,
     Tool,

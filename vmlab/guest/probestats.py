@@ -1,5 +1,5 @@
 """How often the tool's BPF programs ran, and how many packets a lab moved: what both the
-healthy-path VM test (tests/guest/healthy.py) and the benchmark (bench/guest.py) count."""
+healthy path (vmlab/guest/healthy.py) and the benchmark (bench/guest.py) count."""
 
 from __future__ import annotations
 

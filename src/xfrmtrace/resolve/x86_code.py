@@ -322,6 +322,8 @@ def _stack_effect(insn: Insn, sp: Optional[int],
         return None, None
     if m == "mov" and ops == "rbp, rsp":
         return sp, sp
+    if ops.startswith(("rbp, ", "ebp, ")) and m not in ("cmp", "test"):
+        return sp, None  # rbp written: no longer the frame pointer
     return sp, bp
 
 
