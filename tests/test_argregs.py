@@ -524,3 +524,18 @@ g:
     f1 = a.symbols["f1"]
     assert {a.read(f1 + p.offset, 1) for p in site.records} == {b"\xe8"}  # both `call g`
     assert all(p.registers[0] == "rbx" and p.depth == 8 for p in site.records)
+
+
+def test_sites_json_names_each_arguments_source(asm):
+    """``sites --output json``: per role, the register, the stack slot or the record points."""
+    from xfrmtrace.resolve.model import argument_sources
+
+    args = FunctionArgs("f1", 0, positions={XtArgRole.SKB: 0})
+    assert argument_sources(_spilled(asm), args) == {"skb": "stack sp+0x8"}
+    kept = _spilled(asm, reload="  mov rax, qword ptr [rsp + 8]")
+    assert argument_sources(kept, args) == {"skb": "rax"}
+    lost = _spilled(asm, between="  mov qword ptr [rsp + 8], rsi")
+    (point,) = lost.records
+    where = "entry" if point.offset == 0 else f"f1+{point.offset:#x}"
+    assert argument_sources(lost, args) == {"skb": f"record at {where}"}
+    assert argument_sources(lost, None) == {}
