@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Optional, Sequence, TextIO
 from xfrmtrace import __version__
 from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+from xfrmtrace.output.safetext import printable
 
 if TYPE_CHECKING:  # imported when used: `--help` must not load the tracing stack
     from xfrmtrace.output.metrics import MetricsServer
@@ -201,13 +202,23 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return ["trace", *argv]
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote names from netlink and /run/netns: no control character gets through
+    (output/safetext.py); a traceback (-vv) keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - base name
+        return printable(super().formatMessage(record))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(args_list)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("xfrmtrace: %(levelname)s: %(message)s"))
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="xfrmtrace: %(levelname)s: %(message)s", stream=sys.stderr)
+        handlers=[handler])
     try:
         if args.command == "sites":
             return _cmd_sites(args, sys.stdout)
@@ -215,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_report(args, sys.stdout)
         return _cmd_trace(args, sys.stdout)
     except XfrmtraceError as err:
-        print(f"xfrmtrace: error: {err}", file=sys.stderr)
+        print(printable(f"xfrmtrace: error: {err}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -224,8 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - one line, never a traceback, unless asked
         if args.verbose >= 2:
             raise
-        print(f"xfrmtrace: internal error: {type(err).__name__}: {err} "
-              "(run with -vv for a traceback)", file=sys.stderr)
+        print(printable(f"xfrmtrace: internal error: {type(err).__name__}: {err} "
+                        "(run with -vv for a traceback)"), file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -393,7 +404,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
         show_keys=args.show_keys)
 
     def status(line: str) -> None:
-        print(line, file=status_stream, flush=True)
+        print(printable(line), file=status_stream, flush=True)  # names in it: safetext
 
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop)

@@ -6,13 +6,13 @@ asked for ``--show-keys``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any, Optional
 
 from xfrmtrace.context.explain import Explanation
 from xfrmtrace.context.xfrmnl.changes import XfrmChange
 from xfrmtrace.context.xfrmnl.model import SA, Policy
+from xfrmtrace.output.safetext import json_line, printable
 from xfrmtrace.output.timefmt import format_time, rfc3339_ns
 
 # ---- text -------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def format_change_text(change: XfrmChange, *, utc: bool = False) -> str:
     if change.detail:
         body += " " + " ".join(f"{k}={v}" for k, v in change.detail.items()
                                if k != "object" and v is not None)
-    return f"{head}: {body.strip()}"
+    return printable(f"{head}: {body.strip()}")  # netns names and tc kinds: safetext
 
 
 def describe_sa(sa: SA) -> str:
@@ -66,7 +66,7 @@ def change_to_dict(change: XfrmChange) -> dict[str, Any]:
 
 
 def format_change_json(change: XfrmChange) -> str:
-    return json.dumps(change_to_dict(change), ensure_ascii=False, separators=(",", ":"))
+    return json_line(change_to_dict(change))
 
 
 def sa_to_dict(sa: Optional[SA]) -> Optional[dict[str, Any]]:

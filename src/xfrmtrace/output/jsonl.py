@@ -7,11 +7,11 @@ only when stacks were captured.  The keys, in order:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Dict, List, NamedTuple
 
 from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.output.changes import explanation_to_dict
+from xfrmtrace.output.safetext import json_line
 from xfrmtrace.output.timefmt import rfc3339_ns
 
 EVENT_TYPE = "xfrm_error"
@@ -89,8 +89,8 @@ JSON_FIELDS: List[JsonField] = [
 
 
 def format_event(event: XfrmErrorEvent) -> str:
-    """The event as one line of JSON (no trailing newline)."""
-    return json.dumps(event_to_dict(event), ensure_ascii=False, separators=(",", ":"))
+    """The event as one line of JSON (no trailing newline), safe to print (safetext)."""
+    return json_line(event_to_dict(event))
 
 
 def event_to_dict(event: XfrmErrorEvent) -> Dict[str, Any]:

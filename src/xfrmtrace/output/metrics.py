@@ -21,6 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from xfrmtrace import __version__
 from xfrmtrace.errors import InputError
+from xfrmtrace.output.safetext import printable
 from xfrmtrace.resolve.model import Site
 
 DEFAULT_HOST = "127.0.0.1"  # metrics stay on the host unless an address is given
@@ -126,7 +127,9 @@ class _Collector:
                                  "namespace inode (join on the netns label)",
                                  labels=["netns", "name"])
         for inode, name in sorted(snap.netns_names.items()):
-            names.add_metric([str(inode), name], {})
+            # The exposition format escapes only \\, \n and ": a name's ESC would reach
+            # whoever curls the endpoint (output/safetext.py).
+            names.add_metric([str(inode), printable(name)], {})
         yield names
 
 

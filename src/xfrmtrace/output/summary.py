@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from xfrmtrace.output.safetext import json_line, printable
 from xfrmtrace.resolve.model import Site
 
 NetnsName = Callable[[int], Optional[str]]
@@ -61,12 +61,12 @@ def format_text(summary: Summary, netns_name: NetnsName) -> str:
             per_ns = ", ".join(f"netns {_netns_label(ns, netns_name)}: {n}"
                                for ns, n in sorted(t.by_netns.items(), key=lambda kv: -kv[1]))
             lines.append(f"    {t.site.label:44s} {t.count:>8}   {per_ns}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"  # netns names: safetext
 
 
 def format_json(summary: Summary, netns_name: NetnsName) -> str:
     """One JSON object (type "summary") with the same content as the text form."""
-    return json.dumps({
+    return json_line({
         "type": "summary",
         "duration": round(summary.duration, 3),
         "counters": summary.by_counter(),

@@ -6,7 +6,9 @@ Example::
 mark=0xd00 if=2(eth0) IPv4=192.168.112.29>192.168.139.255 ESP=spi:0x3,seq:3
 
 Fields that are absent are left out, never printed as "None"; a zero mark is left out too, as
-it is the default of every packet.
+it is the default of every packet.  Every line goes through
+:func:`~xfrmtrace.output.safetext.printable`: interface and namespace names are chosen by
+whoever runs a pod.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from xfrmtrace.decode.events import XfrmErrorEvent
+from xfrmtrace.output.safetext import printable
 from xfrmtrace.output.timefmt import format_time
 
 STACK_INDENT = "    "
@@ -46,7 +49,7 @@ def format_event(event: XfrmErrorEvent, *, utc: bool = False) -> str:
     if event.explain is not None:
         lines.append(WHY_INDENT + event.explain.summary)
         lines += [MORE_INDENT + detail for detail in event.explain.details]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _netns(event: XfrmErrorEvent) -> str:

@@ -5,6 +5,10 @@ into SVG: one row per counter with a dot per minute bucket (size = errors in it)
 marker per SA/policy change on a shared time axis; below, the per-error table.  When
 drawing is done the script sets ``data-rendered`` on <body> to the number of dots, so a
 headless browser can check that the page really rendered.
+
+Every string on the page comes from a log file and may hold a name chosen by whoever runs a
+pod: table cells are escaped (:func:`_h`), the embedded JSON carries no markup
+(:func:`_script_json`), and the script writes only ``textContent`` and attributes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from collections import Counter
 from typing import Any, TextIO
 
+from xfrmtrace.output.safetext import printable
 from xfrmtrace.output.timefmt import parse_rfc3339
 from xfrmtrace.report.reader import Report
 
@@ -79,25 +84,42 @@ svg text {{ font-size: 11px; }}
 """
 
 
+def _h(value: Any) -> str:
+    """A value from the log as HTML text: controls escaped (safetext), then markup."""
+    return html.escape(printable(str(value)), quote=True)
+
+
 def _row(group: Any) -> str:
-    why = html.escape((group.explain or {}).get("summary") or "")
-    details = "<br>".join(html.escape(d) for d in (group.explain or {}).get("details") or [])
-    history = "<br>".join(html.escape(f"{c.get('time')} {c.get('type')} {c.get('action')} "
-                                      f"{(c.get('sa') or {}).get('spi', '')}")
+    explain = group.explain or {}
+    why = _h(explain.get("summary") or "")
+    details = "<br>".join(_h(d) for d in explain.get("details") or [])
+    history = "<br>".join(_h(f"{c.get('time')} {c.get('type')} {c.get('action')} "
+                             f"{(c.get('sa') or {}).get('spi', '')}")
                           for c in group.history)
-    netns = f"{group.netns}" + (f" ({html.escape(group.netns_name)})" if group.netns_name else "")
-    return (f"<tr><td>{group.count}</td><td>{html.escape(group.counter)}</td><td>{netns}</td>"
-            f"<td>{html.escape(group.stream)}</td><td>{group.first}<br>{group.last}</td>"
+    netns = _h(group.netns) + (f" ({_h(group.netns_name)})" if group.netns_name else "")
+    return (f"<tr><td>{_h(group.count)}</td><td>{_h(group.counter)}</td><td>{netns}</td>"
+            f"<td>{_h(group.stream)}</td><td>{_h(group.first)}<br>{_h(group.last)}</td>"
             f"<td class='why'>{why}<br>{details}</td><td class='hist'>{history}</td></tr>")
+
+
+def _script_json(value: Any) -> str:
+    """JSON to embed in a <script> element: ASCII only, and no <, > or & left, so no
+    "</script>" or "<!--" in a name from the log can end the element or change its parsing."""
+    text = json.dumps(value)  # ensure_ascii: U+2028 and the like come out escaped
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def write_html(report: Report, out: TextIO) -> None:
     times, changes = report.event_times, report.change_records
     buckets: Counter[tuple[str, int]] = Counter(
         (counter, int(parse_rfc3339(t) // 60) * 60) for counter, t in times)
-    points = [{"counter": c, "t": t, "n": n} for (c, t), n in sorted(buckets.items())]
+    # Labels go through printable() too: a lone surrogate (a byte that was not UTF-8) in an
+    # SVG title crashed Chromium 156 (SIGILL), so a bad name would have hidden the report.
+    points = [{"counter": printable(c), "t": t, "n": n}
+              for (c, t), n in sorted(buckets.items())]
     marks = [{"t": parse_rfc3339(str(c["time"])),
-              "label": f"{c.get('time')} {c.get('type')} {c.get('action')}"} for c in changes]
+              "label": printable(f"{c.get('time')} {c.get('type')} {c.get('action')}")}
+             for c in changes]
     all_times = sorted(t for _c, t in times) + sorted(str(c["time"]) for c in changes)
     data = {"points": points, "changes": marks,
             "start": min(all_times) if all_times else "", "end": max(all_times) if all_times
@@ -105,7 +127,6 @@ def write_html(report: Report, out: TextIO) -> None:
     summary = (f"{sum(g.count for g in report.groups)} errors in {len(report.groups)} distinct "
                f"streams; {report.changes} SA/policy changes")
     out.write(_PAGE.format(
-        summary=html.escape(summary),
+        summary=_h(summary),
         rows="\n".join(_row(g) for g in report.groups),
-        # "</" cannot end the script element early once escaped.
-        data=json.dumps(data).replace("</", "<\\/")))
+        data=_script_json(data)))

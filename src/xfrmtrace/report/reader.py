@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TextIO, Union
 
 from xfrmtrace.errors import InputError
+from xfrmtrace.output.safetext import printable
 from xfrmtrace.output.timefmt import parse_rfc3339
 
 HISTORY_LINES = 10
@@ -188,24 +189,29 @@ def _change_line(change: dict[str, Any]) -> str:
 
 
 def write_text(report: Report, out: TextIO) -> None:
+    """The report as text.  Every string in it comes from a log file, whoever wrote it: each
+    line goes through :func:`~xfrmtrace.output.safetext.printable`."""
+    def line(text: str) -> None:
+        out.write(printable(text) + "\n")
+
     if not report.groups:
-        out.write(f"no counter events in the log ({report.changes} SA/policy changes)\n")
+        line(f"no counter events in the log ({report.changes} SA/policy changes)")
     for group in report.groups:
         netns = f"netns {group.netns}" + (f" ({group.netns_name})" if group.netns_name else "")
-        out.write(f"{group.counter} x{group.count}  {netns}  {group.stream}\n")
-        out.write(f"  first {group.first}  last {group.last}\n")
-        out.write("  sites: " + ", ".join(f"{s} ({n})" for s, n in group.sites.items()) + "\n")
+        line(f"{group.counter} x{group.count}  {netns}  {group.stream}")
+        line(f"  first {group.first}  last {group.last}")
+        line("  sites: " + ", ".join(f"{s} ({n})" for s, n in group.sites.items()))
         if group.explain:
-            out.write(f"  why: {group.explain.get('summary')}\n")
+            line(f"  why: {group.explain.get('summary')}")
             for detail in group.explain.get("details") or []:
-                out.write(f"       {detail}\n")
+                line(f"       {detail}")
         else:
-            out.write("  why: (the log has no explanation: traced with --no-xfrm-state)\n")
+            line("  why: (the log has no explanation: traced with --no-xfrm-state)")
         if group.history:
-            out.write("  history:\n")
+            line("  history:")
             for change in group.history:
-                out.write(f"    {_change_line(change)}\n")
-        out.write("\n")
+                line(f"    {_change_line(change)}")
+        line("")
     if report.skipped_lines:
-        out.write(f"({report.skipped_lines} lines of the log were not xfrmtrace JSON and were "
-                  "skipped)\n")
+        line(f"({report.skipped_lines} lines of the log were not xfrmtrace JSON and were "
+             "skipped)")
