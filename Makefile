@@ -18,14 +18,15 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (clang, llvm, libbpf), run (libbpf1), VM lab (qemu,
 # kmod, busybox, apt tooling), IPsec lab inside the guest (iproute2, iptables, ping),
-# headless Chromium for the HTML report test, mmdebstrap for the Dockerfile run in Debian
+# headless Chromium for the HTML report test, prometheus (promtool for the chart's alerts, the
+# server for the VM test that scrapes the tool), mmdebstrap for the Dockerfile run in Debian
 # chroots where no container engine works (tests/test_image.py), etcd and Go 1.19 (with
 # dpkg-dev and patch) to build and run a real kube-apiserver for the chart
 # (tests/support/kubeapi.py; built once, cached in the lab cache).
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
-	chromium-headless-shell mmdebstrap etcd-server golang-1.19-go dpkg-dev patch
+	chromium-headless-shell prometheus mmdebstrap etcd-server golang-1.19-go dpkg-dev patch
 
 # Only for `make bench` (not part of `make test`): iperf3 (hot path), trafgen from
 # netsniff-ng (error storm), bpftrace (start-up comparison), zstd (vmlinux for the resolver).

@@ -34,7 +34,8 @@ KUBE_VERSIONS = ("1.25", "1.34")  # the chart's kubeVersion minimum, and the cur
 BASE_CAPABILITIES = {"BPF", "PERFMON", "SYS_RAWIO", "SYSLOG", "SYS_RESOURCE"}
 # hostPath mounts the tool writes to; every other hostPath mount must be read-only.
 WRITABLE_HOST_MOUNTS = {"/var/cache/xfrmtrace", "/var/log/xfrmtrace", "/sys/kernel/tracing"}
-EXPECTED_KINDS = {"ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "Pod"}
+EXPECTED_KINDS = {"ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "Pod",
+                  "PrometheusRule", "ConfigMap"}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -127,6 +128,17 @@ def check_service_monitor(monitor: dict[str, Any], objects: list[dict[str, Any]]
         assert re.fullmatch(r"([0-9]+(ms|s|m|h|d|w|y))+", endpoint["interval"])
 
 
+def check_prometheus_rule(rule: dict[str, Any]) -> None:
+    """The fields the operator's CRD requires (promtool checks the rules: test_alerts.py)."""
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["name"] and rule["metadata"]["namespace"]
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for item in group["rules"]:
+            assert set(item) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert item["alert"] and isinstance(item["expr"], str)
+
+
 @scenario
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_objects_validate(name: str, kube_version: str) -> None:
@@ -136,8 +148,11 @@ def test_objects_validate(name: str, kube_version: str) -> None:
         if obj["kind"] == "ServiceMonitor":
             check_service_monitor(obj, objects)
             continue
+        if obj["kind"] == "PrometheusRule":
+            check_prometheus_rule(obj)
+            continue
         # strict: unknown fields fail.  A kind without a schema raises SchemaNotFoundError,
-        # which fails the test too: only ServiceMonitor is allowed to be unknown.
+        # which fails the test too: only the operator's kinds are allowed to be unknown.
         try:
             kubernetes_validate.validate(obj, kube_version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -149,7 +164,8 @@ def test_objects_validate(name: str, kube_version: str) -> None:
 def test_service_only_with_monitor_or_asked() -> None:
     kinds = {n: {o["kind"] for o in rendered(n)[0]} for n in SCENARIOS}
     assert "Service" not in kinds["default"] and "ServiceMonitor" not in kinds["default"]
-    assert {"Service", "ServiceMonitor"} <= kinds["full"]
+    assert {"Service", "ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds["full"]
+    assert not {"PrometheusRule", "ConfigMap"} & kinds["default"]
     assert "Pod" not in kinds["minimal"]  # the helm test needs metrics
 
 

@@ -42,20 +42,29 @@ RELEASE = "xfrmtrace"
 CI_DIR = CHART / "ci"
 SCENARIOS = {p.name[: -len("-values.yaml")]: p for p in sorted(CI_DIR.glob("*-values.yaml"))}
 
-SERVICEMONITOR_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {"plural": "servicemonitors", "singular": "servicemonitor",
-                  "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
-        "versions": [{"name": "v1", "served": True, "storage": True,
-                      "schema": {"openAPIV3Schema": {
-                          "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
-    },
-}
+def operator_crd(kind: str, plural: str) -> dict[str, Any]:
+    """A stand-in for a Prometheus operator CRD: the kind is served, any content is kept."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind,
+                      "listKind": f"{kind}List"},
+            "versions": [{"name": "v1", "served": True, "storage": True,
+                          "schema": {"openAPIV3Schema": {
+                              "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+        },
+    }
+
+
+OPERATOR_CRDS = [operator_crd("ServiceMonitor", "servicemonitors"),
+                 operator_crd("PrometheusRule", "prometheusrules")]
+# Namespaces the scenarios put objects in besides the release's (the full scenario's
+# dashboard ConfigMap goes where Grafana's sidecar looks).
+OTHER_NAMESPACES = ("monitoring",)
 
 # (what is broken, text in templates/daemonset.yaml, its replacement, words of the error)
 BREAKAGES = {
@@ -76,7 +85,9 @@ def resource_path(obj: dict[str, Any]) -> str:
     """The REST path of a namespaced object of the kinds this chart renders."""
     group_version = obj["apiVersion"]
     plural = {"ServiceAccount": "serviceaccounts", "Service": "services", "Pod": "pods",
-              "DaemonSet": "daemonsets", "ServiceMonitor": "servicemonitors"}[obj["kind"]]
+              "DaemonSet": "daemonsets", "ConfigMap": "configmaps",
+              "ServiceMonitor": "servicemonitors",
+              "PrometheusRule": "prometheusrules"}[obj["kind"]]
     prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
     meta = obj["metadata"]
     return f"{prefix}/namespaces/{meta.get('namespace', NAMESPACE)}/{plural}/{meta['name']}"
@@ -140,17 +151,22 @@ def server() -> Iterator[ApiServer]:
         srv.request("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts",
                     {"apiVersion": "v1", "kind": "ServiceAccount",
                      "metadata": {"name": "default", "namespace": NAMESPACE}})
+        for namespace in OTHER_NAMESPACES:
+            srv.request("POST", "/api/v1/namespaces",
+                        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-        srv.request("POST", crds, SERVICEMONITOR_CRD)
-        name = SERVICEMONITOR_CRD["metadata"]["name"]
-        for _ in range(100):
-            conditions = srv.get(f"{crds}/{name}").get("status", {}).get("conditions", [])
-            if {"type": "Established", "status": "True"} in [
-                    {k: c.get(k) for k in ("type", "status")} for c in conditions]:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"CRD {name} not established")
+        for crd in OPERATOR_CRDS:
+            srv.request("POST", crds, crd)
+        for crd in OPERATOR_CRDS:
+            name = crd["metadata"]["name"]
+            for _ in range(100):
+                conditions = srv.get(f"{crds}/{name}").get("status", {}).get("conditions", [])
+                if {"type": "Established", "status": "True"} in [
+                        {k: c.get(k) for k in ("type", "status")} for c in conditions]:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"CRD {name} not established")
         yield srv
 
 
