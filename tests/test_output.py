@@ -19,7 +19,7 @@ from xfrmtrace.errors import InputError
 from xfrmtrace.output import LINE_FORMATS, jsonl, line_formatter, text
 
 EXPECTED_KEYS = [
-    "time", "type", "counter", "counter_index", "object", "function", "offset", "address",
+    "time", "type", "node", "counter", "counter_index", "object", "function", "offset", "address",
     "netns", "netns_name", "netns_verified", "cpu", "pid", "tgid", "comm", "context",
     "context_note", "mark", "ifindex", "ifname", "family", "src", "dst", "proto", "proto_num",
     "spi", "seq", "encap", "sport", "dport", "icmp_type", "icmp_code", "fragment_offset",
@@ -163,7 +163,8 @@ def test_json_keys_order_and_types() -> None:
     record = json.loads(jsonl.format_event(event))
     assert list(record) == EXPECTED_KEYS
     assert record["time"] == "2026-11-28T14:47:49.123456789Z"
-    assert record["type"] == "xfrm_error"
+    assert record["type"] == "xfrm_error" and record["node"] is None
+    assert json.loads(jsonl.format_event(event, node="worker-3"))["node"] == "worker-3"
     assert (record["counter"], record["counter_index"]) == ("XfrmInNoStates", 2)
     assert (record["object"], record["function"], record["offset"]) == (
         "vmlinux", "xfrm_input", 0x123)
@@ -239,7 +240,7 @@ def test_json_fields_markdown() -> None:
 def test_json_fields_cover_the_event() -> None:
     # Every JSON key maps to an event attribute (or is computed), so nothing is silently null.
     names = {f.name for f in dataclasses.fields(XfrmErrorEvent)}
-    assert {f.name for f in jsonl.JSON_FIELDS} - names == {"time", "type"}
+    assert {f.name for f in jsonl.JSON_FIELDS} - names == {"time", "type", "node"}  # computed, given
 
 
 # --- both formats -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import report_line
 from tests.support import distbuild, k8stools, podspec
@@ -48,11 +49,23 @@ def pod_spec() -> dict:
     return k8stools.daemonset_pod_spec(objects)
 
 
+def write_lab_rules(path: Path) -> Path:
+    """The chart's PrometheusRule as a rules file, with thresholds a lab's few packets
+    cross at once: any error rate, over 1m, no pending time."""
+    objects = k8stools.render_chart([LAB_VALUES], {
+        "metrics.prometheusRule.enabled": "true", "metrics.prometheusRule.errorsPerSecond": "0",
+        "metrics.prometheusRule.window": "1m", "metrics.prometheusRule.for": "0s"})
+    (rule,) = [o for o in objects if o["kind"] == "PrometheusRule"]
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
 @pytest.fixture(scope="module")
 def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
     missing = vm.missing_requirements()
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    missing += [t for t in ("ip", "iptables", "ip6tables", "ping", "setpriv", "unshare")
+    missing += [t for t in ("ip", "iptables", "ip6tables", "ping", "setpriv", "unshare",
+                            "prometheus")
                 if shutil.which(t, path=search) is None]
     if missing:
         pytest.skip("VM lab cannot run here: missing " + "; ".join(missing))
@@ -68,6 +81,7 @@ def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
             "--pod-spec", str(spec_path), "--pyz", str(pyz), "--count", str(PACKETS)]
     argv += [f"--pod-scenario={name}" for name in POD_SCENARIOS]
     argv += [f"--pyz-scenario={name}" for name in PYZ_SCENARIOS]
+    argv += ["--prom-rules", str(write_lab_rules(rwdir / "rules.yaml"))]
     result = vm.run_in_vm(kernel, shlex.join(argv), rwdir=rwdir, cwd=REPO, timeout=1200,
                           env={"PYTHONDONTWRITEBYTECODE": "1"})
     assert result.ok, result.describe()
@@ -139,6 +153,7 @@ def test_pod_events_follow_later_namespaces_and_equal_proc(deploy: dict) -> None
     """Namespaces created after the pod started are named and followed (their SAs explain
     the errors): /run/netns propagates into the pod, setns works with its capabilities."""
     events = _pod_events(deploy)
+    assert {e["node"] for e in events} == {"vm"}  # --node-name $(NODE_NAME), downward API
     checked = 0
     for name, ns, inode, moved in _totals(deploy["pod"]):
         mine = [e for e in events if e["netns"] == inode]
@@ -160,6 +175,24 @@ def test_pod_metrics_equal_proc(deploy: dict) -> None:
         scraped = {c: n for (c, netns), n in metrics.items() if netns == str(inode)}
         assert scraped == moved, (name, ns, scraped, moved)
     assert f'xfrmtrace_netns_info{{name="{ns}",netns="{inode}"}}' in pod["metrics"]
+
+
+def test_prometheus_scrapes_the_pod_and_the_alert_fires(deploy: dict) -> None:
+    """A real Prometheus (Debian's) scraping the pod, with the chart's rules: the receiver's
+    XfrmInNoStates alert fires while a lab drops packets, carries the node and counter, and
+    the count Prometheus scraped equals the namespace's own /proc/net/xfrm_stat."""
+    prom = deploy["pod"]["prometheus"]
+    assert "error" not in prom, prom["error"] + "\n" + prom["log"]
+    assert prom["firing_before"] == []  # a series born with its first increments: no rate yet
+    (alert,) = prom["alerts"]
+    assert alert["labels"]["counter"] == "XfrmInNoStates"
+    assert alert["labels"]["node"] == "vm" and alert["labels"]["severity"] == "warning"
+    assert alert["labels"]["instance"] == deploy["pod"]["metrics_address"]
+    assert "no inbound SA (XfrmInNoStates" in alert["annotations"]["summary"]
+    assert "on vm (" in alert["annotations"]["summary"]
+    assert prom["scraped_total"] == [float(prom["proc_total"])] and prom["proc_total"] >= 2
+    # Every probe attached, no event lost, no other counter moved: nothing else fires.
+    assert prom["other_alerts"] == [], prom["other_alerts"]
 
 
 def test_pod_output_file_rotates_without_losing_events(deploy: dict) -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from contextlib import ExitStack
@@ -101,6 +102,18 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _host_name() -> str:
+    return socket.gethostname()
+
+
+def _node_name(text: str) -> str:
+    """A node name as Kubernetes allows one: 1-253 printable characters, no space."""
+    if not 0 < len(text) <= 253 or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(
+            f"invalid node name {printable(text)!r}: 1-253 printable characters, no spaces")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xfrmtrace", description=DESCRIPTION,
@@ -121,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-xfrm-state", action="store_true",
                      help="do not follow SAs and policies over netlink: no SA/policy "
                      "timeline, no explanations")
+    out.add_argument("--node-name", type=_node_name, default=_host_name(), metavar="NAME",
+                     help="this node's name, in every JSON object (key node) so that "
+                     "`xfrmtrace report` can join several nodes' logs (default: the host "
+                     "name; the Helm chart passes the Kubernetes node name)")
     out.add_argument("--show-keys", action="store_true",
                      help="print SA keys in the SA/policy timeline (default: <redacted>)")
     out.add_argument("--output-file", type=Path, metavar="PATH",
@@ -401,7 +418,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
         output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
         filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_bytes=args.ringbuf_size,
         ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
-        show_keys=args.show_keys)
+        show_keys=args.show_keys, node_name=args.node_name)
 
     def status(line: str) -> None:
         print(printable(line), file=status_stream, flush=True)  # names in it: safetext
@@ -428,7 +445,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
     finally:
         view.close()
     if args.output == "json":
-        out.write(summary_out.format_json(summary, netns_names) + "\n")
+        out.write(summary_out.format_json(summary, netns_names, args.node_name) + "\n")
     else:
         out.write(summary_out.format_text(summary, netns_names))
     out.flush()

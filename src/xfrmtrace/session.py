@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import threading
@@ -112,6 +113,7 @@ class SessionOptions:
     ready_file: Optional[Path] = None
     follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
     show_keys: bool = False
+    node_name: Optional[str] = None  # "node" of every JSON object
 
 
 class TraceSession:
@@ -135,9 +137,13 @@ class TraceSession:
         self._status = status
         self._netns = NetnsNames()
         self.netns_names = self._netns.name
-        self._format = jsonl.format_event if options.output == "json" else text.format_event
-        self._format_change = (changes_out.format_change_json if options.output == "json"
-                               else changes_out.format_change_text)
+        node = options.node_name
+        self._format: Callable[[XfrmErrorEvent], str] = (
+            functools.partial(jsonl.format_event, node=node) if options.output == "json"
+            else text.format_event)
+        self._format_change: Callable[[XfrmChange], str] = (
+            functools.partial(changes_out.format_change_json, node=node)
+            if options.output == "json" else changes_out.format_change_text)
         self._clock_offset = time.time_ns() - time.monotonic_ns()
         self._pending: list[XfrmErrorEvent] = []
         self.events = 0

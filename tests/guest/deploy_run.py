@@ -6,8 +6,9 @@ Runs INSIDE the VM as root, once:
    mounts, read-only root, masked /proc/kcore, exactly its capabilities, its command line).
    Waits until its metrics endpoint answers (what the chart's readinessProbe does), records
    the process's capabilities, runs scenarios in namespaces created after the start, scrapes
-   the metrics, stops it with SIGTERM (as the kubelet does) and collects its stdout, stderr,
-   rotated event files and pcapng.
+   the metrics, lets a real Prometheus server scrape it and evaluate the chart's alerts
+   during one more scenario (tests/guest/prometheus_run.py), stops it with SIGTERM (as the
+   kubelet does) and collects its stdout, stderr, rotated event files and pcapng.
 2. **Zipapp.** Runs ``dist/xfrmtrace.pyz`` with the system python3 (no venv, no packages)
    while one scenario moves a counter, and stops it with SIGINT.
 
@@ -27,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from tests.guest import pod_run, trace_run
+from tests.guest import pod_run, prometheus_run, trace_run
 from tests.support import podspec
 from vmlab.guest import ipsec
 from vmlab.guest import tool as guest_tool
@@ -74,7 +75,8 @@ def _process_status(pid: int) -> Dict[str, str]:
     return {k: fields.get(k, "").strip() for k in STATUS_FIELDS}
 
 
-def pod_phase(spec_path: Path, out: Path, names: List[str], count: int) -> Dict[str, Any]:
+def pod_phase(spec_path: Path, out: Path, names: List[str], count: int,
+              prom_rules: Optional[Path] = None) -> Dict[str, Any]:
     spec = json.loads(spec_path.read_text())
     record: Dict[str, Any] = {}
     _ensure_run_netns()
@@ -96,6 +98,9 @@ def pod_phase(spec_path: Path, out: Path, names: List[str], count: int) -> Dict[
             record["scenarios"], contexts = trace_run.run_scenarios(names, count)
             record["scenario_seconds"] = round(time.monotonic() - t0, 1)
             record["metrics"] = guest_tool.scrape_metrics(address)
+            if prom_rules is not None and address is not None:
+                record["prometheus"] = prometheus_run.alert_phase(address, prom_rules, out,
+                                                                  count)
     finally:
         record["returncode"] = guest_tool.stop_process(proc, signal.SIGTERM)
         record["seconds"] = round(time.monotonic() - started, 1)
@@ -150,10 +155,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--pod-scenario", action="append", required=True)
     parser.add_argument("--pyz-scenario", action="append", required=True)
     parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--prom-rules", type=Path,
+                        help="alert rules for a Prometheus server scraping the pod")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {"kernel": os.uname().release}
-    results["pod"] = pod_phase(args.pod_spec, args.out, args.pod_scenario, args.count)
+    results["pod"] = pod_phase(args.pod_spec, args.out, args.pod_scenario, args.count,
+                               args.prom_rules)
     results["zipapp"] = zipapp_phase(args.pyz, args.out / "zipapp", args.pyz_scenario,
                                      args.count)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

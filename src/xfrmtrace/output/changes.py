@@ -50,10 +50,11 @@ def describe_sa(sa: SA) -> str:
 # ---- JSON -------------------------------------------------------------------------------------
 
 
-def change_to_dict(change: XfrmChange) -> dict[str, Any]:
+def change_to_dict(change: XfrmChange, node: Optional[str] = None) -> dict[str, Any]:
     return {
         "time": rfc3339_ns(change.time_ns),
         "type": change.kind,
+        "node": node,
         "action": change.action,
         "netns": change.netns,
         "netns_name": change.netns_name,
@@ -65,8 +66,8 @@ def change_to_dict(change: XfrmChange) -> dict[str, Any]:
     }
 
 
-def format_change_json(change: XfrmChange) -> str:
-    return json_line(change_to_dict(change))
+def format_change_json(change: XfrmChange, node: Optional[str] = None) -> str:
+    return json_line(change_to_dict(change, node))
 
 
 def sa_to_dict(sa: Optional[SA]) -> Optional[dict[str, Any]]:

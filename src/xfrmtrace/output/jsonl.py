@@ -7,7 +7,7 @@ only when stacks were captured.  The keys, in order:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.output.changes import explanation_to_dict
@@ -29,6 +29,9 @@ JSON_FIELDS: List[JsonField] = [
     JsonField("time", "string", "Wall-clock time of the increment, RFC 3339 in UTC with "
               "nanoseconds: `2026-11-28T14:47:49.123456789Z`."),
     JsonField("type", "string", 'Always `"xfrm_error"`.'),
+    JsonField("node", "string or null", "Name of the node the tool ran on (`--node-name`, "
+              "default the host name; the chart passes the Kubernetes node name), in every "
+              "JSON object, so `xfrmtrace report` can join several nodes' logs."),
     JsonField("counter", "string", "Counter as named in `/proc/net/xfrm_stat`, e.g. "
               "`XfrmInNoStates`."),
     JsonField("counter_index", "integer", "The counter's `LINUX_MIB_XFRM*` enum value."),
@@ -88,17 +91,20 @@ JSON_FIELDS: List[JsonField] = [
 """The keys of each JSON object, in output order."""
 
 
-def format_event(event: XfrmErrorEvent) -> str:
+def format_event(event: XfrmErrorEvent, node: Optional[str] = None) -> str:
     """The event as one line of JSON (no trailing newline), safe to print (safetext)."""
-    return json_line(event_to_dict(event))
+    return json_line(event_to_dict(event, node))
 
 
-def event_to_dict(event: XfrmErrorEvent) -> Dict[str, Any]:
+def event_to_dict(event: XfrmErrorEvent, node: Optional[str] = None) -> Dict[str, Any]:
     """The JSON object of an event, keys in ``JSON_FIELDS`` order."""
     record: Dict[str, Any] = {}
     for field in JSON_FIELDS:
         if (field.name == "stack" and event.stack is None) or (
                 field.name == "explain" and event.explain is None):
+            continue
+        if field.name == "node":
+            record["node"] = node
             continue
         getter = _SPECIAL.get(field.name)
         record[field.name] = getter(event) if getter else getattr(event, field.name)

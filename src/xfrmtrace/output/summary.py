@@ -64,10 +64,11 @@ def format_text(summary: Summary, netns_name: NetnsName) -> str:
     return "\n".join(printable(line) for line in lines) + "\n"  # netns names: safetext
 
 
-def format_json(summary: Summary, netns_name: NetnsName) -> str:
+def format_json(summary: Summary, netns_name: NetnsName, node: Optional[str] = None) -> str:
     """One JSON object (type "summary") with the same content as the text form."""
     return json_line({
         "type": "summary",
+        "node": node,
         "duration": round(summary.duration, 3),
         "counters": summary.by_counter(),
         "sites": [
