@@ -365,3 +365,36 @@ def test_sa_explanations_by_spi() -> None:
         "the packet's ESP header could not be read: the packet (23 bytes) is too short")
     event.context = "none"
     assert "carried no packet" in explain(event, db).summary
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
+def test_live_watcher_reports_what_it_found_as_present() -> None:
+    """Real netlink: a policy that existed before the namespace was followed comes once as
+    "present" (the state a log starts from), later changes as what they are."""
+    from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
+
+    name = f"xt-present-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    watcher = XfrmWatcher()
+    try:
+        subprocess.run(["ip", "-n", name, "xfrm", "policy", "add", "src", "10.3.0.0/16", "dst",
+                        "10.4.0.0/16", "dir", "in", "action", "block"], check=True)
+        watcher.start()
+        watcher.rescan()
+        inode = os.stat(f"/run/netns/{name}").st_ino
+        first = [c for c in watcher.poll() if c.netns == inode]
+        assert [(c.kind, c.action, c.policy.direction) for c in first] == [
+            ("policy", "present", "in")]
+        assert json.loads(changes_out.format_change_json(first[0]))["action"] == "present"
+        subprocess.run(["ip", "-n", name, "xfrm", "policy", "add", "src", "10.5.0.0/16", "dst",
+                        "10.6.0.0/16", "dir", "out", "action", "block"], check=True)
+        deadline = time.monotonic() + 5
+        later: list[XfrmChange] = []
+        while not later and time.monotonic() < deadline:
+            later = [c for c in watcher.poll() if c.netns == inode]
+            time.sleep(0.05)
+        assert [(c.action, c.policy.direction) for c in later] == [("added", "out")]
+        assert len(watcher.db.state(inode).policies) == 2  # present + added, nothing twice
+    finally:
+        watcher.close()
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Protocol, TextIO, TypeVar
 
 from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.context.explain import explain
-from xfrmtrace.context.xfrmnl.changes import XfrmChange
+from xfrmtrace.context.xfrmnl.changes import PRESENT, XfrmChange
 from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
 from xfrmtrace.decode.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.errors import InputError, KernelFeatureMissing
@@ -205,6 +205,8 @@ class TraceSession:
         """Write what arrived: SA/policy changes first (a notification is queued before
         anything it causes can happen), then the counter events, each explained."""
         for change in changes:
+            if change.action == PRESENT and self._options.output != "json":
+                continue  # the state at start is for the JSON log (report); text shows changes
             change.time_ns = self._wall_clock(change.monotonic_ns)
             change.netns_name = self._netns.name(change.netns)
             self._out.write(self._format_change(change) + "\n")

@@ -8,6 +8,10 @@ from typing import Any, Optional
 from xfrmtrace.context.xfrmnl import messages as m
 from xfrmtrace.context.xfrmnl.model import PROTOCOLS, SA, Policy, address, policy_from, sa_from
 
+#: The action of an SA or policy that a dump found (at start, or after lost notifications):
+#: the state a log starts from.  Never applied to the database (it was loaded from the dump).
+PRESENT = "present"
+
 #: (message type) -> (kind, action)
 _ACTIONS = {
     m.XFRM_MSG_NEWSA: ("sa", "added"),

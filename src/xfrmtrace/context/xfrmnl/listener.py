@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from xfrmtrace.context.xfrmnl import messages as m
-from xfrmtrace.context.xfrmnl.changes import XfrmChange, change_from
+from xfrmtrace.context.xfrmnl.changes import PRESENT, XfrmChange, change_from
 from xfrmtrace.context.xfrmnl.database import XfrmDatabase
 from xfrmtrace.context.xfrmnl.model import policy_from, sa_from
 from xfrmtrace.context.xfrmnl.socket import XfrmSocket
@@ -43,6 +43,10 @@ class XfrmWatcher:
         self._tc: dict[int, TcSocket] = {}
         self._paths: dict[int, str] = {}
         self._next_scan = 0.0
+        # What each dump found, as "present" changes: the log then says which SAs and
+        # policies existed before the first change it records (a cross-node report needs
+        # the state the tool started from, not only what changed after).
+        self._snapshots: list[XfrmChange] = []
 
     def start(self) -> None:
         self._open(OWN_NETNS)
@@ -120,12 +124,18 @@ class XfrmWatcher:
                         if msg["header"]["type"] == m.XFRM_MSG_NEWPOLICY]
         finally:
             sock.close()
-        self.db.load(inode, sas, policies, time.monotonic_ns())
+        now = time.monotonic_ns()
+        self.db.load(inode, sas, policies, now)
+        self._snapshots += [XfrmChange(kind="sa", action=PRESENT, netns=inode, monotonic_ns=now,
+                                       sa=sa) for sa in sas]
+        self._snapshots += [XfrmChange(kind="policy", action=PRESENT, netns=inode,
+                                       monotonic_ns=now, policy=policy) for policy in policies]
         log.info("netns %d: %d SAs, %d policies", inode, len(sas), len(policies))
 
     def poll(self, ready: Optional[set[int]] = None) -> list[XfrmChange]:
         """Changes waiting on the sockets (all of them, or those whose fd is ``ready``),
-        applied to the database, oldest first."""
+        applied to the database, oldest first; before them, the "present" SAs and policies
+        of every dump since the last poll (already in the database)."""
         if time.monotonic() >= self._next_scan:
             self.rescan()
         changes: list[XfrmChange] = []
@@ -138,7 +148,8 @@ class XfrmWatcher:
         changes.sort(key=lambda c: c.monotonic_ns)
         for change in changes:
             self.db.apply(change)
-        return changes
+        snapshots, self._snapshots = self._snapshots, []
+        return snapshots + changes
 
     def _receive_xfrm(self, inode: int, sock: XfrmSocket) -> list[XfrmChange]:
         now = time.monotonic_ns()
