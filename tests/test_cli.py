@@ -112,7 +112,8 @@ def test_offline_sites_unreadable_files(tmp_path: Path) -> None:
 # ---- bad command lines and unreadable files: one clear line, non-zero exit ----------------
 
 USAGE_ERRORS = [
-    ("report",), ("report", "a.jsonl", "b.jsonl"), ("report", "a.jsonl", "--bogus"),
+    ("report",), ("report", "a.jsonl", "--bogus"), ("trace", "--node-name", "a b"),
+    ("trace", "--node-name", ""), ("trace", "--node-name", "x\x1b[2J"),
     ("report", "a.jsonl", "--output", "xml"), ("report", "a.jsonl", "--html"),
     ("sites", "--output", "xml"), ("sites", "--bogus"), ("sites", "--vmlinux"),
     ("--bogus",), ("bogus-command",), ("trace", "--output"), ("trace", "--duration", "soon"),
@@ -157,11 +158,12 @@ def _input_case(name: str, d: Path) -> tuple[list, list[str]]:
     (d / "kallsyms").write_text(KALLSYMS)
     (d / "zeros").write_text(re.sub("^[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.M))
     log, missing = d / "log.jsonl", d / "absent"
+    (d / "empty").mkdir()
     if name.startswith("sites --kallsyms") or name == "sites: junk BTF":
         elf = _elf_with_btf(d, b"\x9f\xeb\x01\x00" + JUNK)
     cases = {
         "report: missing": (["report", missing], ["cannot read", "No such file"]),
-        "report: directory": (["report", d], ["cannot read", "Is a directory"]),
+        "report: empty directory": (["report", d / "empty"], ["no log files in"]),
         "report --html: missing directory": (["report", log, "--html", missing / "r.html"],
                                              ["cannot write", "No such file"]),
         "report --html: directory": (["report", log, "--html", d], ["cannot write",
@@ -185,7 +187,7 @@ def _input_case(name: str, d: Path) -> tuple[list, list[str]]:
     return [str(elf) if a == "ELF" else str(a) for a in args], needles
 
 
-INPUT_CASES = ["report: missing", "report: directory", "report --html: missing directory",
+INPUT_CASES = ["report: missing", "report: empty directory", "report --html: missing directory",
                "report --html: directory", "sites --vmlinux: directory",
                "sites --vmlinux: junk", "sites: junk BTF", "sites --kallsyms: missing",
                "sites --kallsyms: directory", "sites --kallsyms: junk",

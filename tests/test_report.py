@@ -60,7 +60,7 @@ def test_report_groups_errors_with_explanation_and_history(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     first, second = text.split("\n\n")[:2]
-    assert first.splitlines()[0] == ("XfrmInNoStates x3  netns 4026532999 (blue)  "
+    assert first.splitlines()[0] == ("XfrmInNoStates x3  trace  netns 4026532999 (blue)  "
                                      "10.9.0.1 > 10.9.0.2 esp spi 0x1000 mark 0xd00")
     assert "first 2026-11-18T" in first and "sites: xfrm_input+0x569 (3)" in first
     assert "why: SA spi 0x1000 dst 10.9.0.2 was deleted 17.0 min before" in first  # the last

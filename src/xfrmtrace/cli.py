@@ -187,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--audit", action="store_true",
                        help="list every gs-relative increment with how it was classified")
 
-    report = sub.add_parser("report", help="summarise a saved JSON log",
-                            description="Read a log written by `xfrmtrace --output json` and "
-                            "print, per distinct error (counter, namespace, addresses, SPI, "
-                            "mark), the first and last time, the count, the sites, the "
-                            "explanation and the SA/policy changes that concern it.")
-    report.add_argument("log", type=Path, metavar="LOG.jsonl")
+    report = sub.add_parser("report", help="summarise saved JSON logs, across nodes",
+                            description="Read logs written by `xfrmtrace --output json` (files, "
+                            "directories of them, or `kubectl logs --prefix` output) and "
+                            "print, per distinct error (node, counter, namespace, addresses, "
+                            "SPI, mark), the first and last time, the count, the sites, the "
+                            "explanation and the SA/policy changes that concern it; then, "
+                            "across nodes, what the sender of each receiver-side error had "
+                            "and the SAs the two sides disagree on.")
+    report.add_argument("logs", type=Path, nargs="+", metavar="LOG",
+                        help="a JSON log (one per node) or a directory of them")
     report.add_argument("--output", choices=("text", "json"), default="text",
                         help="text or one JSON object (default text)")
     report.add_argument("--html", type=Path, metavar="FILE",
@@ -319,23 +323,28 @@ def _cmd_sites(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    from xfrmtrace.report import cluster  # deferred: start-up
     from xfrmtrace.report import reader as report  # deferred: start-up
 
-    result = report.build(report.read_log(args.log))
+    result = report.build(report.read_logs(args.logs))
+    nodes = cluster.join(result)
     if args.html:
         from xfrmtrace.report.html import write_html  # deferred: start-up
 
         try:
             with open(args.html, "w", encoding="utf-8") as page:
-                write_html(result, page)
+                write_html(result, nodes, page)
         except OSError as err:
             raise InputError(f"cannot write {args.html}: {err.strerror}") from err
     if args.output == "json":
         json.dump({"groups": [asdict(g) | {"key": list(g.key)} for g in result.groups],
-                   "changes": result.changes, "skipped_lines": result.skipped_lines}, out)
+                   "changes": result.changes, "skipped_lines": result.skipped_lines,
+                   "cluster": cluster.to_dict(nodes)}, out)
         out.write("\n")
     else:
         report.write_text(result, out)
+        for line in cluster.text_lines(nodes):
+            out.write(printable(line) + "\n")
     return 0
 
 

@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 from xfrmtrace.output.safetext import printable
 from xfrmtrace.output.timefmt import parse_rfc3339
+from xfrmtrace.report import cluster
+from xfrmtrace.report.cluster import ClusterReport
 from xfrmtrace.report.reader import Report
 
 _PAGE = """<!DOCTYPE html>
@@ -37,10 +39,11 @@ svg text {{ font-size: 11px; }}
 <p>{summary}</p>
 <svg id="timeline" width="1000" height="100" role="img"
  aria-label="errors per counter over time"></svg>
-<table><tr><th>count</th><th>counter</th><th>namespace</th><th>packets</th><th>first / last</th>
-<th>why</th><th>SA/policy history</th></tr>
+<table><tr><th>count</th><th>counter</th><th>node</th><th>namespace</th><th>packets</th>
+<th>first / last</th><th>why</th><th>SA/policy history</th></tr>
 {rows}
 </table>
+{cluster}
 <script id="data" type="application/json">{data}</script>
 <script>
 (function () {{
@@ -97,7 +100,8 @@ def _row(group: Any) -> str:
                              f"{(c.get('sa') or {}).get('spi', '')}")
                           for c in group.history)
     netns = _h(group.netns) + (f" ({_h(group.netns_name)})" if group.netns_name else "")
-    return (f"<tr><td>{_h(group.count)}</td><td>{_h(group.counter)}</td><td>{netns}</td>"
+    return (f"<tr><td>{_h(group.count)}</td><td>{_h(group.counter)}</td><td>{_h(group.node)}</td>"
+            f"<td>{netns}</td>"
             f"<td>{_h(group.stream)}</td><td>{_h(group.first)}<br>{_h(group.last)}</td>"
             f"<td class='why'>{why}<br>{details}</td><td class='hist'>{history}</td></tr>")
 
@@ -109,7 +113,27 @@ def _script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def write_html(report: Report, out: TextIO) -> None:
+def _cluster_section(nodes: ClusterReport) -> str:
+    """Per node pair (sender -> receiver): the joined errors and the flags."""
+    pairs = cluster.to_dict(nodes)["pairs"]
+    if not nodes.joined:
+        return ""
+    parts = [f"<h2>Across nodes</h2><p>{_h(len(nodes.endpoints))} endpoints with SAs: "
+             f"{_h(', '.join(nodes.endpoints))}</p>"]
+    for pair in pairs:
+        rows = [f"<tr><td>{_h(e['counter'])} x{_h(e['count'])}</td><td>{_h(e['stream'])}</td>"
+                f"<td>{_h(e['first'])}</td><td class='why'>{_h(e['summary'])}</td></tr>"
+                for e in pair["errors"]]
+        rows += [f"<tr><td>flag {_h(f['kind'])}</td><td>spi {_h(hex(f['spi']))} "
+                 f"{_h(f['dst'])}</td><td></td><td class='why'>{_h(f['text'])}</td></tr>"
+                 for f in pair["flags"]]
+        parts.append(f"<h3 class='pair'>{_h(pair['sender'])} &rarr; {_h(pair['receiver'])}</h3>"
+                     "<table><tr><th>what</th><th>packets</th><th>first</th><th>the two sides"
+                     "</th></tr>" + "".join(rows) + "</table>")
+    return "\n".join(parts)
+
+
+def write_html(report: Report, nodes: ClusterReport, out: TextIO) -> None:
     times, changes = report.event_times, report.change_records
     buckets: Counter[tuple[str, int]] = Counter(
         (counter, int(parse_rfc3339(t) // 60) * 60) for counter, t in times)
@@ -129,4 +153,5 @@ def write_html(report: Report, out: TextIO) -> None:
     out.write(_PAGE.format(
         summary=_h(summary),
         rows="\n".join(_row(g) for g in report.groups),
+        cluster=_cluster_section(nodes),
         data=_script_json(data)))

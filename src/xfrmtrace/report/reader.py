@@ -1,14 +1,20 @@
-"""``xfrmtrace report LOG.jsonl``: a saved JSON log, summarised per distinct error.
+"""``xfrmtrace report LOG.jsonl ...``: saved JSON logs, summarised per distinct error.
 
-A distinct error is one counter for one packet stream: namespace, counter, addresses,
+A distinct error is one counter for one packet stream: node, namespace, counter, addresses,
 IPsec protocol and SPI, and mark.  For each the report gives the first and last time, the
 count, the sites, the explanation the live run printed (the last one), and the SA/policy
-changes of that namespace that concern it.
+changes of that node's namespace that concern it.  :mod:`.cluster` joins the nodes.
+
+Logs are files or directories of them, as the tool writes them or as ``kubectl logs
+--prefix`` (and ``--timestamps``) prints them: ``[pod/xfrmtrace-x7k2p/xfrmtrace] {...}``.
+Each object names its node (``--node-name``); one that does not (a log of an older version)
+gets the pod's name from the prefix, or else the file's name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TextIO, Union
@@ -23,10 +29,12 @@ HISTORY_LINES = 10
 @dataclass
 class ErrorGroup:
     key: tuple
+    node: str
     counter: str
     netns: int
     netns_name: Optional[str]
     stream: str  # "10.77.0.1 > 10.77.0.2 esp spi 0x1000 mark 0xd00"
+    src: Optional[str]
     dst: Optional[str]
     spi: Optional[int]
     first: str
@@ -44,10 +52,33 @@ class Report:
     skipped_lines: int
     event_times: list[tuple[str, str]] = field(default_factory=list)  # (counter, time)
     change_records: list[dict[str, Any]] = field(default_factory=list)
+    first_times: dict[str, str] = field(default_factory=dict)  # node -> its first record
+
+
+# kubectl logs --prefix: "[pod/NAME/CONTAINER] "; --timestamps: "2026-12-07T10:00:00.1Z ".
+_KUBECTL_PREFIX = re.compile(r"^(?:\[(?:pod/)?(?P<pod>[^/\]]+)[^\]]*\] )?(?:\S+Z )?(?=\{)")
+
+
+def log_files(paths: Iterable[Union[str, Path]]) -> list[Path]:
+    """The files named, and the regular files directly inside directories named (sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            try:
+                found = sorted(p for p in path.iterdir() if p.is_file())
+            except OSError as err:
+                raise InputError(f"cannot read {path}: {err.strerror}") from err
+            if not found:
+                raise InputError(f"no log files in {path}")
+            files += found
+        else:
+            files.append(path)
+    return files
 
 
 def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a log; a line that is not one is counted by :func:`build`."""
+    """The JSON objects of a log, each with its node; a line that is not one is counted by
+    :func:`build`."""
     try:
         handle = open(path, encoding="utf-8", errors="replace")
     except OSError as err:
@@ -57,12 +88,27 @@ def read_log(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
             line = line.strip()
             if not line:
                 continue
+            prefix = _KUBECTL_PREFIX.match(line)
+            if prefix is not None:
+                line = line[prefix.end():]
             try:
                 record = json.loads(line)
             except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 yield {"type": None}
                 continue
-            yield record if isinstance(record, dict) else {"type": None}
+            if not isinstance(record, dict):
+                yield {"type": None}
+                continue
+            if not isinstance(record.get("node"), str) or not record["node"]:
+                pod = prefix.group("pod") if prefix is not None else None
+                record["node"] = pod or Path(path).name.split(".")[0]
+            yield record
+
+
+def read_logs(paths: Iterable[Union[str, Path]]) -> Iterator[dict[str, Any]]:
+    """Every log's objects, one log after the other."""
+    for path in log_files(paths):
+        yield from read_log(path)
 
 
 _TEXT = (str, type(None))
@@ -137,23 +183,28 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
     groups: dict[tuple, ErrorGroup] = {}
     changes: list[dict[str, Any]] = []
     times: list[tuple[str, str]] = []
+    first_times: dict[str, str] = {}
     skipped = 0
     for record in records:
         kind = record.get("type")
+        if _is_time(record.get("time")):
+            first_times.setdefault(str(record.get("node")), record["time"])
         if kind in ("sa", "policy", "xfrm_error") and not _well_formed(record, kind):
             skipped += 1
         elif kind in ("sa", "policy"):
             changes.append(record)
         elif kind == "xfrm_error":
-            key = (record.get("netns"), record.get("counter"), record.get("src"),
-                   record.get("dst"), record.get("encap") or record.get("proto"),
-                   record.get("spi"), record.get("mark"))
+            key = (record.get("node"), record.get("netns"), record.get("counter"),
+                   record.get("src"), record.get("dst"),
+                   record.get("encap") or record.get("proto"), record.get("spi"),
+                   record.get("mark"))
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ErrorGroup(
-                    key=key, counter=str(record.get("counter")), netns=record.get("netns") or 0,
+                    key=key, node=str(record.get("node")), counter=str(record.get("counter")),
+                    netns=record.get("netns") or 0,
                     netns_name=record.get("netns_name"), stream=_stream(record),
-                    dst=record.get("dst"), spi=record.get("spi"),
+                    src=record.get("src"), dst=record.get("dst"), spi=record.get("spi"),
                     first=str(record.get("time")), last=str(record.get("time")))
             group.count += 1
             group.last = str(record.get("time"))
@@ -165,12 +216,13 @@ def build(records: Iterable[dict[str, Any]]) -> Report:
         elif kind not in ("summary", "tc"):  # tc changes are not part of the report
             skipped += 1
     for group in groups.values():
-        related = [c for c in changes if c.get("netns") == group.netns
+        related = [c for c in changes if c.get("node") == group.node
+                   and c.get("netns") == group.netns
                    and str(c.get("time")) <= group.last and _concerns(c, group)]
         group.history = related[-HISTORY_LINES:]
     ordered = sorted(groups.values(), key=lambda g: (-g.count, g.first))
     return Report(groups=ordered, changes=len(changes), skipped_lines=skipped,
-                  event_times=times, change_records=changes)
+                  event_times=times, change_records=changes, first_times=first_times)
 
 
 def _change_line(change: dict[str, Any]) -> str:
@@ -198,7 +250,7 @@ def write_text(report: Report, out: TextIO) -> None:
         line(f"no counter events in the log ({report.changes} SA/policy changes)")
     for group in report.groups:
         netns = f"netns {group.netns}" + (f" ({group.netns_name})" if group.netns_name else "")
-        line(f"{group.counter} x{group.count}  {netns}  {group.stream}")
+        line(f"{group.counter} x{group.count}  {group.node}  {netns}  {group.stream}")
         line(f"  first {group.first}  last {group.last}")
         line("  sites: " + ", ".join(f"{s} ({n})" for s, n in group.sites.items()))
         if group.explain:
