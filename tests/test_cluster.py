@@ -68,8 +68,9 @@ class NodeLog:
                                    monotonic_ns=at, time_ns=T0 + (at + i) * SECOND)
             self.lines.append(jsonl.format_event(event, node=self.node))
 
-    def write(self, directory: Path, prefix: Optional[str] = None) -> Path:
-        path = directory / f"{self.node}.jsonl"
+    def write(self, directory: Path, prefix: Optional[str] = None,
+              name: Optional[str] = None) -> Path:
+        path = directory / f"{name or self.node}.jsonl"
         lines = [f"[pod/{prefix}/xfrmtrace] {line}" for line in self.lines] if prefix \
             else self.lines
         path.write_text("\n".join(lines) + "\n")
@@ -235,3 +236,23 @@ def test_node_from_the_prefix_or_the_file_when_the_objects_have_none(tmp_path: P
     (tmp_path / "pods.log").write_text(f"[pod/xfrmtrace-q2/xfrmtrace] {json.dumps(record)}\n")
     found = [r["node"] for r in reader.read_logs([tmp_path])]
     assert sorted(found) == ["worker-7", "xfrmtrace-q2"]
+
+
+def test_both_logs_of_a_rebooted_node(tmp_path: Path) -> None:
+    """node-b's log before and after its reboot, given together: the second run's dump is
+    the whole SAD then, so the SA it no longer lists was gone at the restart."""
+    a = NodeLog("node-a", A, B)
+    a.policies(0)
+    a.sa("present", 0, 0x1000, A, B)
+    before, after = NodeLog("node-b", B, A), NodeLog("node-b", B, A)
+    before.policies(0)
+    before.sa("present", 0, 0x1000, A, B)
+    after.policies(60)  # the tracer's second start, after the reboot
+    after.sa("present", 60, 0x3000, B, A)
+    after.error(70, "XfrmInNoStates", 0x1000, A, B)
+    paths = [a.write(tmp_path), before.write(tmp_path, name="node-b-previous"),
+             after.write(tmp_path)]
+    report = cluster.join(reader.build(reader.read_logs(paths)))
+    finding = only(report)
+    assert finding.receiver_sa["status"] == "gone-at-restart"
+    assert "was gone when its tracer started again at 2026-" in finding.summary

@@ -232,3 +232,88 @@ def test_zipapp_traces_with_the_system_python(deploy: dict) -> None:
         assert dict(mine) == moved, (name, ns)
         moved_anywhere += sum(moved.values())
     assert moved_anywhere == len(events) > 0
+
+
+# --- two namespaces playing two nodes: the report across nodes ------------------------------
+
+def _cluster(deploy: dict) -> dict:
+    record = deploy["cluster"]
+    assert "error" not in record, record["error"]
+    return record
+
+
+def _cross_report(deploy: dict, *logs: str) -> dict:
+    """`xfrmtrace report --output json` over the named nodes' logs, as an operator runs it."""
+    paths = [str(deploy["out"] / "cluster" / log / "events.jsonl") for log in logs]
+    proc = subprocess.run([sys.executable, "-m", "xfrmtrace", "report", *paths,
+                           "--output", "json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _errors(report: dict, sender: str, receiver: str) -> list[dict]:
+    for pair in report["cluster"]["pairs"]:
+        if (pair["sender"], pair["receiver"]) == (sender, receiver):
+            return pair["errors"]
+    raise AssertionError(f"no {sender} -> {receiver} in {report['cluster']}")
+
+
+def test_cluster_lab_moved_what_each_step_should(deploy: dict) -> None:
+    record = _cluster(deploy)
+    moved = {s["step"]: s["moved"] for s in record["steps"]}
+    sent = {s["step"]: s["sent"] for s in record["steps"]}
+    for healthy in ("healthy", "rotation-done", "replaced-learned"):
+        assert moved[healthy] == {}, (healthy, moved)
+    for broken in ("rotation-early-removal", "replaced-under-sender", "peer-reboot"):
+        assert moved[broken] == {"XfrmInNoStates": sent[broken]}, (broken, moved)
+    assert all(record[f"{n}-returncode"] == 0 for n in ("node-a", "node-b", "node-b-rebooted"))
+    assert record["kprobes_after_exit"] == []
+
+
+def test_cluster_logs_are_per_node_and_namespace(deploy: dict) -> None:
+    """--node-name tags and --filter-netns keeps each log to its own namespace."""
+    for log, node in (("node-a", "node-a"), ("node-b", "node-b"),
+                      ("node-b-rebooted", "node-b")):
+        lines = [json.loads(line) for line in
+                 (deploy["out"] / "cluster" / log / "events.jsonl").read_text().splitlines()
+                 if line.startswith("{")]
+        assert lines and {x["node"] for x in lines} == {node}
+        assert len({x["netns"] for x in lines if x["type"] in ("sa", "policy")}) == 1
+        assert any(x["type"] == "sa" and x["action"] == "present" for x in lines)
+
+
+def test_report_across_nodes_names_the_senders_sa(deploy: dict) -> None:
+    """Rotation with the old inbound SA removed too early, and an SA replaced under the
+    sender: each of node-b's drops is joined with node-a's outbound SA of that SPI."""
+    record = _cluster(deploy)
+    spis = record["spis"]
+    sent = {s["step"]: s["sent"] for s in record["steps"]}
+    report = _cross_report(deploy, "node-a", "node-b")
+    errors = {e["sender_sa"]["spi"]: e for e in _errors(report, "node-a", "node-b")}
+    assert set(errors) == {spis["initial"], spis["replaced"]}, errors
+    early = errors[spis["initial"]]
+    assert early["counter"] == "XfrmInNoStates" and early["count"] == sent[
+        "rotation-early-removal"]
+    assert early["receiver_sa"]["status"] == "replaced", early
+    assert early["receiver_sa"]["replaced_by"] == spis["rotated"]
+    assert early["sender_sa"]["removed"] > early["last"]  # node-a still used it then
+    replaced = errors[spis["replaced"]]
+    assert replaced["count"] == sent["replaced-under-sender"]
+    assert replaced["receiver_sa"]["status"] == "never", replaced
+    assert replaced["sender_sa"]["installed"] < replaced["first"]
+    assert "node-a sends with its outbound SA spi" in replaced["summary"]
+
+
+def test_report_across_nodes_after_a_peer_reboot(deploy: dict) -> None:
+    """node-b's log after its reboot never had the SPI node-a still sends with; node-b's new
+    outbound SPI has no inbound SA on node-a."""
+    record = _cluster(deploy)
+    report = _cross_report(deploy, "node-a", "node-b-rebooted")
+    (error,) = _errors(report, "node-a", "node-b")
+    assert error["count"] == {s["step"]: s["sent"] for s in record["steps"]}["peer-reboot"]
+    assert error["sender_sa"]["spi"] == record["spis"]["replaced"]
+    assert error["receiver_sa"]["status"] == "never"
+    flags = {(p["sender"], f["kind"], f["spi"]) for p in report["cluster"]["pairs"]
+             for f in p["flags"]}
+    assert ("node-a", "no-inbound-sa", record["spis"]["replaced"]) in flags
+    assert ("node-b", "no-inbound-sa", 0x6000) in flags

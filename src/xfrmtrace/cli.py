@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--filter-counter", metavar="NAME[,NAME]",
                       help="only these counters, e.g. XfrmInNoStates,XfrmOutNoStates")
     filt.add_argument("--filter-netns", metavar="INODE|NAME",
-                      help="only this network namespace (inode, or name under /run/netns)")
+                      help="only this network namespace (inode, or name under /run/netns): "
+                      "its events and its SA/policy/tc changes")
     filt.add_argument("--filter-mark", metavar="VALUE[/MASK]", type=_parse_mark,
                       help="only packets/flows whose mark matches, e.g. 0xd00/0xf00")
     run = trace.add_argument_group("run")

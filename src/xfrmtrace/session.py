@@ -153,6 +153,7 @@ class TraceSession:
         # the tracing thread adds or removes probes, or closes the tracer.
         self._lock = threading.Lock()
         self._tracer: Optional[Tracer] = None  # set while probes may be attached
+        self._netns_filter = 0  # --filter-netns as an inode (0: every namespace)
 
     def _config(self, counter_filter: Optional[set[int]]) -> TraceConfig:
         netns = 0
@@ -162,6 +163,7 @@ class TraceSession:
                 raise InputError(f"no network namespace named {self._options.filter_netns!r} "
                                  "in /run/netns: give its name or inode number")
             netns = found
+        self._netns_filter = netns
         mark_value, mark_mask = self._options.filter_mark or (0, 0)
         return TraceConfig(
             counter_indices=counter_filter,
@@ -207,6 +209,8 @@ class TraceSession:
         for change in changes:
             if change.action == PRESENT and self._options.output != "json":
                 continue  # the state at start is for the JSON log (report); text shows changes
+            if self._netns_filter and change.netns != self._netns_filter:
+                continue  # --filter-netns: that namespace's timeline only
             change.time_ns = self._wall_clock(change.monotonic_ns)
             change.netns_name = self._netns.name(change.netns)
             self._out.write(self._format_change(change) + "\n")

@@ -11,6 +11,8 @@ Runs INSIDE the VM as root, once:
    kubelet does) and collects its stdout, stderr, rotated event files and pcapng.
 2. **Zipapp.** Runs ``dist/xfrmtrace.pyz`` with the system python3 (no venv, no packages)
    while one scenario moves a counter, and stops it with SIGINT.
+3. **Two nodes.** Two namespaces play two nodes, each with its own tracer and log, through
+   a rotation, an SA replaced under the sender and a peer reboot (tests/guest/cluster_run.py).
 
 Everything the host-side assertions need lands in ``<out>/results.json``.
 """
@@ -28,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from tests.guest import pod_run, prometheus_run, trace_run
+from tests.guest import cluster_run, pod_run, prometheus_run, trace_run
 from tests.support import podspec
 from vmlab.guest import ipsec
 from vmlab.guest import tool as guest_tool
@@ -164,6 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                args.prom_rules)
     results["zipapp"] = zipapp_phase(args.pyz, args.out / "zipapp", args.pyz_scenario,
                                      args.count)
+    results["cluster"] = cluster_run.run(args.out / "cluster", args.count)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

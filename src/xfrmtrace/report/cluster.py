@@ -59,6 +59,7 @@ class SAState:
     installed: str  # time of the first present/added of this run of it
     removed: Optional[str] = None  # time it was deleted (or expired hard), if it was
     updated: Optional[str] = None
+    restarted: bool = False  # "removed" is when a later dump no longer listed it
 
 
 @dataclass
@@ -67,6 +68,8 @@ class EndpointLog:
     first_time: str  # the log's first record: "never installed" means "not since then"
     sas: dict[tuple, list[SAState]] = field(default_factory=dict)  # key -> runs, oldest first
     addresses: dict[str, int] = field(default_factory=dict)  # owned address -> evidence rank
+    dump_time: Optional[str] = None  # time of the last dump seen (one time per dump)
+    dump: Optional[tuple[str, set[tuple]]] = None  # a later dump: its time, the SAs it listed
 
     def runs(self, dst: Optional[str], spi: Optional[int]) -> list[SAState]:
         return [run for (d, s, _p), runs in self.sas.items() if d == dst and s == spi
@@ -190,6 +193,18 @@ def _flush(log: EndpointLog, change: dict[str, Any]) -> None:
             runs[-1].removed = str(change.get("time"))
 
 
+def _end_dump(log: EndpointLog) -> None:
+    """A dump after earlier records (the tool restarted, or resynchronised after lost
+    notifications) is the whole SAD: SAs it did not list were removed by then."""
+    if log.dump is None:
+        return
+    time, listed = log.dump
+    for key, runs in log.sas.items():
+        if key not in listed and runs and runs[-1].removed is None:
+            runs[-1].removed, runs[-1].restarted = time, True
+    log.dump = None
+
+
 def endpoint_logs(report: Report) -> dict[tuple[str, int], EndpointLog]:
     """Per (node, netns): its SA runs and the addresses it owns, from the well-formed SA and
     policy records the report kept (in log order) and its error streams."""
@@ -204,13 +219,27 @@ def endpoint_logs(report: Report) -> dict[tuple[str, int], EndpointLog]:
     for record in report.change_records:
         log = log_of(str(record.get("node")), _int(record.get("netns")) or 0,
                      _text(record.get("netns_name")))
+        present, time = record.get("action") == "present", str(record.get("time"))
+        if present and time != log.dump_time:  # a new dump: its records share one time
+            _end_dump(log)
+            if log.sas:
+                log.dump = (time, set())
+            log.dump_time = time
+        elif not present:
+            _end_dump(log)
         if record.get("type") == "sa":
-            if isinstance(record.get("sa"), dict):
-                _learn_sa(log, record, record["sa"])
+            sa = record.get("sa")
+            if isinstance(sa, dict):
+                if present and log.dump is not None:
+                    log.dump[1].add((_text(sa.get("dst")), _int(sa.get("spi")),
+                                     _text(sa.get("proto"))))
+                _learn_sa(log, record, sa)
             elif record.get("action") == "flushed":
                 _flush(log, record)
         elif isinstance(record.get("policy"), dict):
             _learn_policy(log, record["policy"])
+    for log in logs.values():
+        _end_dump(log)
     for group in report.groups:
         log = log_of(group.node, group.netns, group.netns_name)
         if group.counter in RECEIVER_COUNTERS:
@@ -249,6 +278,8 @@ def _receiver_side(log: EndpointLog, group: ErrorGroup, src: Optional[str]) -> d
         return {"status": "never", "since": log.first_time}
     removed = str(runs[-1].removed)
     side: dict[str, Any] = {"status": "deleted", "at": removed}
+    if runs[-1].restarted:
+        side["status"] = "gone-at-restart"
     # What it has instead: an SA between the same addresses, live when the errors began
     # (a rotation installs the new one before it deletes the old).
     instead = sorted(
@@ -281,6 +312,9 @@ def _summary(finding: Finding) -> str:
                 f"{side['since']})")
     elif status == "deleted":
         have = f"{finding.receiver} deleted its inbound SA spi {spi} at {side['at']}"
+    elif status == "gone-at-restart":
+        have = (f"{finding.receiver}'s inbound SA spi {spi} was gone when its tracer started "
+                f"again at {side['at']} (node reboot or restart)")
     elif status == "replaced":
         have = (f"{finding.receiver} deleted its inbound SA spi {spi} at {side['at']} and "
                 f"has spi {side['replaced_by']:#x} (installed {side['replaced_at']}) instead, "
