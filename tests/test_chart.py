@@ -11,6 +11,7 @@ fetched these tests fail rather than skip, so CI notices.
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import re
@@ -35,7 +36,7 @@ BASE_CAPABILITIES = {"BPF", "PERFMON", "SYS_RAWIO", "SYSLOG", "SYS_RESOURCE"}
 # hostPath mounts the tool writes to; every other hostPath mount must be read-only.
 WRITABLE_HOST_MOUNTS = {"/var/cache/xfrmtrace", "/var/log/xfrmtrace", "/sys/kernel/tracing"}
 EXPECTED_KINDS = {"ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "Pod",
-                  "PrometheusRule", "ConfigMap"}
+                  "PrometheusRule", "ConfigMap", "Secret"}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -460,3 +461,30 @@ def test_package(tmp_path: Path) -> None:
                    "templates/daemonset.yaml", "templates/tests/test-metrics.yaml"):
         assert f"xfrmtrace/{member}" in names
     assert not any(n.startswith("xfrmtrace/ci/") for n in names)  # .helmignore
+
+
+def test_key_fingerprint_secret() -> None:
+    """One secret per release, mounted read-only, passed as --key-fingerprint-secret; a
+    Secret of the user's instead when named; nothing without keyFingerprint."""
+    objects = render_chart([])
+    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    assert len(base64.b64decode(secret["data"]["secret"])) >= 16
+    spec = daemonset_pod_spec(objects)
+    (ctr,) = spec["containers"]
+    path = flag_value(ctr["args"], "--key-fingerprint-secret")
+    (mount,) = [m for m in ctr["volumeMounts"] if m["name"] == "key-fingerprint"]
+    assert mount["readOnly"] is True and path == mount["mountPath"] + "/secret"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "key-fingerprint"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o400
+
+    mine = render_chart([], {"keyFingerprint.existingSecret": "ipsec-fingerprint"})
+    assert not [o for o in mine if o["kind"] == "Secret"]
+    (volume,) = [v for v in daemonset_pod_spec(mine)["volumes"] if v["name"] == "key-fingerprint"]
+    assert volume["secret"]["secretName"] == "ipsec-fingerprint"
+
+    off = render_chart([], {"keyFingerprint.enabled": "false"})
+    assert not [o for o in off if o["kind"] == "Secret"]
+    (ctr,) = daemonset_pod_spec(off)["containers"]
+    assert "--key-fingerprint-secret" not in ctr["args"]
+    assert all(m["name"] != "key-fingerprint" for m in ctr["volumeMounts"])

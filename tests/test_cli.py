@@ -114,6 +114,8 @@ def test_offline_sites_unreadable_files(tmp_path: Path) -> None:
 USAGE_ERRORS = [
     ("report",), ("report", "a.jsonl", "--bogus"), ("trace", "--node-name", "a b"),
     ("trace", "--node-name", ""), ("trace", "--node-name", "x\x1b[2J"),
+    ("trace", "--key-fingerprint-secret", "/nonexistent/secret"),
+    ("trace", "--key-fingerprint-secret", "/dev/null"),
     ("report", "a.jsonl", "--output", "xml"), ("report", "a.jsonl", "--html"),
     ("sites", "--output", "xml"), ("sites", "--bogus"), ("sites", "--vmlinux"),
     ("--bogus",), ("bogus-command",), ("trace", "--output"), ("trace", "--duration", "soon"),

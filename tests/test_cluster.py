@@ -256,3 +256,26 @@ def test_both_logs_of_a_rebooted_node(tmp_path: Path) -> None:
     finding = only(report)
     assert finding.receiver_sa["status"] == "gone-at-restart"
     assert "was gone when its tracer started again at 2026-" in finding.summary
+
+
+def test_key_changed_on_one_side_by_fingerprint(tmp_path: Path) -> None:
+    """Tracers with one shared secret log a keyed fingerprint per key: the same algorithms
+    with different fingerprints is a key changed on one side; equal ones are no flag."""
+    def aead(fingerprint: Optional[str]) -> tuple[Algorithm, ...]:
+        return (Algorithm("aead", "rfc4106(gcm(aes))", 160, 128, key_fingerprint=fingerprint),)
+
+    a, b = nodes()
+    a.sa("present", 0, 0x1000, A, B, algorithms=aead("11" * 16))
+    b.sa("present", 0, 0x1000, A, B, algorithms=aead("22" * 16))
+    b.error(5, "XfrmInStateProtoError", 0x1000, A, B)
+    report = joined(a, b, tmp_path=tmp_path)
+    assert [(f.kind, f.spi) for f in report.flags] == [("key-differs", 0x1000)]
+    assert "11111111" not in report.flags[0].text  # the fingerprints themselves are not shown
+    same_a, same_b = nodes()
+    same_a.sa("present", 0, 0x1000, A, B, algorithms=aead("33" * 16))
+    same_b.sa("present", 0, 0x1000, A, B, algorithms=aead("33" * 16))
+    assert joined(same_a, same_b, tmp_path=tmp_path).flags == []
+    unknown_a, unknown_b = nodes()  # one tracer without the secret: nothing to compare
+    unknown_a.sa("present", 0, 0x1000, A, B, algorithms=aead("33" * 16))
+    unknown_b.sa("present", 0, 0x1000, A, B, algorithms=aead(None))
+    assert joined(unknown_a, unknown_b, tmp_path=tmp_path).flags == []

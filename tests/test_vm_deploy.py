@@ -43,10 +43,14 @@ CAP_BITS = {"NET_ADMIN": 12, "SYS_RAWIO": 17, "SYS_ADMIN": 21, "SYS_RESOURCE": 2
 
 
 @pytest.fixture(scope="module")
-def pod_spec() -> dict:
-    objects = k8stools.render_chart([LAB_VALUES], {"output.file.maxSizeMiB": ROTATE_MIB,
-                                                   "output.file.count": str(ROTATE_COUNT)})
-    return k8stools.daemonset_pod_spec(objects)
+def chart_objects() -> list:
+    return k8stools.render_chart([LAB_VALUES], {"output.file.maxSizeMiB": ROTATE_MIB,
+                                                "output.file.count": str(ROTATE_COUNT)})
+
+
+@pytest.fixture(scope="module")
+def pod_spec(chart_objects: list) -> dict:
+    return k8stools.daemonset_pod_spec(chart_objects)
 
 
 def write_lab_rules(path: Path) -> Path:
@@ -61,7 +65,7 @@ def write_lab_rules(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
+def deploy(request, tmp_path_factory, pod_spec: dict, chart_objects: list) -> dict:
     missing = vm.missing_requirements()
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing += [t for t in ("ip", "iptables", "ip6tables", "ping", "setpriv", "unshare",
@@ -73,7 +77,8 @@ def deploy(request, tmp_path_factory, pod_spec: dict) -> dict:
     pyz = distbuild.build_zipapp()
     rwdir = tmp_path_factory.mktemp("vm-deploy")
     spec = podspec.launch_spec(pod_spec, {"status.podIP": "127.0.0.1", "spec.nodeName": "vm",
-                                          "status.hostIP": "127.0.0.1"})
+                                          "status.hostIP": "127.0.0.1"},
+                               chart_objects, rwdir / "secrets")
     spec_path = rwdir / "pod.json"
     podspec.write_spec(spec, spec_path)
     out = rwdir / "deploy"

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from xfrmtrace.context.explain import explain
 from xfrmtrace.context.xfrmnl import database
 from xfrmtrace.context.xfrmnl.changes import XfrmChange, change_from
 from xfrmtrace.context.xfrmnl.database import XfrmDatabase
+from xfrmtrace.context.xfrmnl.model import KeyPolicy
 from xfrmtrace.context.xfrmnl.socket import parse, split_messages
 from xfrmtrace.decode.events import XfrmErrorEvent
 from xfrmtrace.output import changes as changes_out
@@ -35,11 +37,13 @@ KEYS = [bytes.fromhex(k[2:]) for k in (record_netlink.KEY_AEAD, record_netlink.K
 NETNS = 4026532999
 
 
-def changes(name: str, show_keys: bool = False, at: int = 0) -> list[XfrmChange]:
+def changes(name: str, show_keys: bool = False, at: int = 0,
+            secret: Optional[bytes] = None) -> list[XfrmChange]:
     result = []
     for line in (FIXTURES / f"{name}.hex").read_text().split():
         for msg in parse(bytes.fromhex(line)):
-            change = change_from(msg, NETNS, at, show_keys)
+            change = change_from(msg, NETNS, at, KeyPolicy(show=show_keys,
+                                                           fingerprint_secret=secret))
             if change is not None:
                 change.time_ns = 1_795_000_000_000_000_000 + at
                 result.append(change)
@@ -148,12 +152,12 @@ def test_removal_index_answers_like_a_history_scan(ops: list) -> None:
     assert db.last_removal_to(NETNS, "10.0.0.3") is None
 
 
-def _all_output(show_keys: bool) -> str:
+def _all_output(show_keys: bool, secret: Optional[bytes] = None) -> str:
     """Every way a change or an explanation can be printed, for every fixture."""
     db = XfrmDatabase()
     out = []
     for path in sorted(FIXTURES.glob("*.hex")):
-        for change in changes(path.stem, show_keys):
+        for change in changes(path.stem, show_keys, secret=secret):
             db.apply(change)
             out += [changes_out.format_change_text(change), changes_out.format_change_json(change)]
     event = XfrmErrorEvent(counter="XfrmInNoStates", netns=NETNS, context="skb",
@@ -187,6 +191,25 @@ def test_show_keys_prints_them() -> None:
     """The redaction test above can fail: with --show-keys the same outputs carry keys."""
     output = _all_output(show_keys=True)
     assert record_netlink.KEY_AEAD[2:] in output and record_netlink.KEY_AUTH[2:] in output
+
+
+def test_key_fingerprints_tell_keys_apart_and_leak_none() -> None:
+    secret = b"a cluster-wide secret of 32 bytes"
+    output = _all_output(show_keys=False, secret=secret)
+    assert _leaks(output) == [] and "<redacted>" in output and "fingerprint " in output
+    (sa,) = [c.sa for c in changes("sa-add-aead", secret=secret)]
+    (again,) = [c.sa for c in changes("sa-add-aead", secret=secret)]
+    other = b"another secret, 32 bytes long!"
+    (other_secret,) = [c.sa for c in changes("sa-add-aead", secret=other)]
+    fingerprint = sa.algorithms[0].key_fingerprint
+    assert fingerprint and len(fingerprint) == 32
+    assert again.algorithms[0].key_fingerprint == fingerprint  # same key, same secret
+    assert other_secret.algorithms[0].key_fingerprint not in (None, fingerprint)
+    assert changes("sa-add-aead")[0].sa.algorithms[0].key_fingerprint is None  # no secret
+    # A different key under the same secret: the fixture's other SA.
+    keys = {a.key_fingerprint for path in sorted(FIXTURES.glob("*.hex"))
+            for c in changes(path.stem, secret=secret) if c.sa for a in c.sa.algorithms}
+    assert len(keys - {None}) >= 2
 
 
 def test_explanation_names_the_deleted_sa_and_what_came_since() -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Optional, Sequence, TextIO
 
 from xfrmtrace import __version__
 from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
+from xfrmtrace.context.xfrmnl.model import FINGERPRINT_SECRET_MIN, KeyPolicy
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
 from xfrmtrace.output.safetext import printable
 
@@ -102,6 +103,20 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _fingerprint_secret(text: str) -> bytes:
+    """The secret in file ``text``, read when the command line is (a usage error if bad)."""
+    try:
+        secret = Path(text).read_bytes().strip()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {printable(text)}: {err.strerror}") from None
+    if len(secret) < FINGERPRINT_SECRET_MIN:
+        raise argparse.ArgumentTypeError(
+            f"{printable(text)} holds {len(secret)} bytes: give at least "
+            f"{FINGERPRINT_SECRET_MIN} (e.g. head -c 32 /dev/urandom | base64)")
+    return secret
+
+
 def _host_name() -> str:
     return socket.gethostname()
 
@@ -138,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this node's name, in every JSON object (key node) so that "
                      "`xfrmtrace report` can join several nodes' logs (default: the host "
                      "name; the Helm chart passes the Kubernetes node name)")
+    out.add_argument("--key-fingerprint-secret", type=_fingerprint_secret, metavar="FILE",
+                     help="log a fingerprint of each SA key: HMAC-SHA-256 keyed with the "
+                     f"secret in FILE (at least {FINGERPRINT_SECRET_MIN} bytes). Give every "
+                     "node the same secret and `xfrmtrace report` tells a key changed on "
+                     "one side only; the key itself is never logged")
     out.add_argument("--show-keys", action="store_true",
                      help="print SA keys in the SA/policy timeline (default: <redacted>)")
     out.add_argument("--output-file", type=Path, metavar="PATH",
@@ -428,7 +448,8 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
         output=args.output, stack=args.output_stack, filter_netns=args.filter_netns,
         filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_bytes=args.ringbuf_size,
         ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
-        show_keys=args.show_keys, node_name=args.node_name)
+        keys=KeyPolicy(show=args.show_keys, fingerprint_secret=args.key_fingerprint_secret),
+        node_name=args.node_name)
 
     def status(line: str) -> None:
         print(printable(line), file=status_stream, flush=True)  # names in it: safetext

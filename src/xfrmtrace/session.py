@@ -16,6 +16,7 @@ from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.context.explain import explain
 from xfrmtrace.context.xfrmnl.changes import PRESENT, XfrmChange
 from xfrmtrace.context.xfrmnl.listener import XfrmWatcher
+from xfrmtrace.context.xfrmnl.model import REDACT, KeyPolicy
 from xfrmtrace.decode.events import EventDecoder, XfrmErrorEvent
 from xfrmtrace.errors import InputError, KernelFeatureMissing
 from xfrmtrace.kernel.modules import ModuleWatcher
@@ -112,7 +113,7 @@ class SessionOptions:
     ringbuf_bytes: int = XT_RINGBUF_DEFAULT
     ready_file: Optional[Path] = None
     follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
-    show_keys: bool = False
+    keys: KeyPolicy = REDACT  # --show-keys, --key-fingerprint-secret
     node_name: Optional[str] = None  # "node" of every JSON object
 
 
@@ -193,7 +194,7 @@ class TraceSession:
     def _start_xfrm_watch(self) -> Optional[XfrmWatcher]:
         if not self._options.follow_xfrm:
             return None
-        watcher = XfrmWatcher(show_keys=self._options.show_keys)
+        watcher = XfrmWatcher(keys=self._options.keys)
         try:
             watcher.start()
         except OSError as err:

@@ -6,12 +6,13 @@ with :func:`launch_spec` and :func:`write_spec`; the guest runs :func:`command`.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 
 @dataclass
@@ -34,10 +35,14 @@ class LaunchSpec:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def launch_spec(pod_spec: Dict[str, Any], field_values: Dict[str, str]) -> LaunchSpec:
+def launch_spec(pod_spec: Dict[str, Any], field_values: Dict[str, str],
+                objects: Sequence[Dict[str, Any]] = (),
+                secret_root: Optional[Path] = None) -> LaunchSpec:
     """The first container of a rendered pod spec, as this lab launches it.
 
-    ``field_values`` gives the values of ``fieldRef`` env vars (``status.podIP``...).
+    ``field_values`` gives the values of ``fieldRef`` env vars (``status.podIP``...).  A
+    ``secret`` volume is what the kubelet makes of it: the rendered Secret of that name
+    (among ``objects``), one file per key, under ``secret_root``, mounted read-only.
     """
     container = pod_spec["containers"][0]
     env: Dict[str, str] = {}
@@ -58,6 +63,11 @@ def launch_spec(pod_spec: Dict[str, Any], field_values: Dict[str, str]) -> Launc
                                 host.get("type") == "DirectoryOrCreate"))
         elif "emptyDir" in volume:
             mounts.append(Mount("", vm["mountPath"], False, True))
+        elif "secret" in volume:
+            directory = _project_secret(volume["secret"], objects, secret_root)
+            mounts.append(Mount(str(directory), vm["mountPath"], True, False))
+        else:
+            raise ValueError(f"volume {vm['name']}: a kind this lab cannot provide: {volume}")
     security = container.get("securityContext", {})
     caps = security.get("capabilities", {})
     assert caps.get("drop") == ["ALL"], "the chart must drop all capabilities first"
@@ -67,6 +77,21 @@ def launch_spec(pod_spec: Dict[str, Any], field_values: Dict[str, str]) -> Launc
         no_new_privs=security.get("allowPrivilegeEscalation") is False,
         read_only_root=bool(security.get("readOnlyRootFilesystem")),
         privileged=bool(security.get("privileged")))
+
+
+def _project_secret(source: Dict[str, Any], objects: Sequence[Dict[str, Any]],
+                    root: Optional[Path]) -> Path:
+    name = source["secretName"]
+    found = [o for o in objects if o.get("kind") == "Secret" and o["metadata"]["name"] == name]
+    if not found or root is None:
+        raise ValueError(f"secret volume {name}: no such Secret among the rendered objects")
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, value in (found[0].get("data") or {}).items():
+        path = directory / key
+        path.write_bytes(base64.b64decode(value))
+        path.chmod(source.get("defaultMode", 0o644))
+    return directory
 
 
 def _expand(text: str, env: Dict[str, str]) -> str:

@@ -80,3 +80,8 @@ are printed as integers, fractions (output.file.maxSizeMiB: 0.5) as they are, an
 {{- else }}{{ . }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the key fingerprint secret: the user's, or the one the chart makes. */}}
+{{- define "xfrmtrace.fingerprintSecret" -}}
+{{- default (printf "%s-key-fingerprint" (include "xfrmtrace.fullname" .)) .Values.keyFingerprint.existingSecret }}
+{{- end }}

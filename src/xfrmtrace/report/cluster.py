@@ -15,9 +15,10 @@ every node's log, this module:
   destination and SPI, since when) and what the receiver had (never installed, deleted at
   T, replaced by SPI Y);
 * flags, per node pair: an SPI the sender uses that the receiver has no SA for; the same
-  (destination, SPI) with different algorithms, key lengths or ICV lengths on the two sides
-  (keys are never in a log, so never compared); a sender whose last sequence number is
-  behind the receiver's replay window.
+  (destination, SPI) with different algorithms, key lengths or ICV lengths on the two sides;
+  the same algorithms with different keys, by the keyed fingerprints the tracers logged
+  with a shared ``--key-fingerprint-secret`` (keys are never in a log); a sender whose last
+  sequence number is behind the receiver's replay window.
 
 Everything comes from the logs: the SAs each tool found at start (``present``) and every
 change after, with the times the tools wrote (node clocks are assumed to be in step, as
@@ -103,7 +104,7 @@ class Finding:
 class Flag:
     sender: str
     receiver: str
-    kind: str  # "no-inbound-sa", "algorithms-differ", "sequence-behind"
+    kind: str  # "no-inbound-sa", "algorithms-differ", "key-differs", "sequence-behind"
     spi: int
     dst: Optional[str]
     text: str
@@ -330,6 +331,13 @@ def _algorithms(sa: dict[str, Any]) -> list[tuple]:
                   for a in sa.get("algorithms") or [] if isinstance(a, dict))
 
 
+def _fingerprints(sa: dict[str, Any]) -> list[Optional[str]]:
+    """Key fingerprints in algorithm order (None where a tracer had no secret)."""
+    return [a.get("key_fingerprint") if isinstance(a.get("key_fingerprint"), str) else None
+            for a in sorted((a for a in sa.get("algorithms") or [] if isinstance(a, dict)),
+                            key=lambda a: str(a.get("kind")))]
+
+
 def _describe_algorithms(sa: dict[str, Any]) -> str:
     return ", ".join(f"{k} {n} {bits}-bit" + (f"/{icv}" if icv else "")
                      for k, n, bits, icv in _algorithms(sa)) or "none"
@@ -356,6 +364,12 @@ def _pair_flags(sender: EndpointLog, receiver: EndpointLog, names: dict[int, str
                               f"spi {spi:#x} to {dst}: {s_label} has "
                               f"{_describe_algorithms(sa)}, {r_label} has "
                               f"{_describe_algorithms(theirs.sa)}"))
+        elif _fingerprints(sa) != _fingerprints(theirs.sa) and None not in (
+                _fingerprints(sa) + _fingerprints(theirs.sa)):
+            flags.append(Flag(s_label, r_label, "key-differs", spi, dst,
+                              f"spi {spi:#x} to {dst}: the same algorithms, but the key "
+                              f"fingerprints differ between {s_label} and {r_label}: a key "
+                              "changed on one side only (the receiver fails to authenticate)"))
         oseq, seq = _int(sa.get("oseq")) or 0, _int(theirs.sa.get("seq")) or 0
         window = _int(theirs.sa.get("replay_window")) or 0
         if oseq and seq and seq - oseq > window:

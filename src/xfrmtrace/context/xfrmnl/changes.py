@@ -6,7 +6,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from xfrmtrace.context.xfrmnl import messages as m
-from xfrmtrace.context.xfrmnl.model import PROTOCOLS, SA, Policy, address, policy_from, sa_from
+from xfrmtrace.context.xfrmnl.model import (
+    PROTOCOLS,
+    REDACT,
+    SA,
+    KeyPolicy,
+    Policy,
+    address,
+    policy_from,
+    sa_from,
+)
 
 #: The action of an SA or policy that a dump found (at start, or after lost notifications):
 #: the state a log starts from.  Never applied to the database (it was loaded from the dump).
@@ -47,7 +56,7 @@ class XfrmChange:
 
 
 def change_from(msg: Any, netns: int, monotonic_ns: int,
-                show_keys: bool = False) -> Optional[XfrmChange]:
+                keys: KeyPolicy = REDACT) -> Optional[XfrmChange]:
     """The change a decoded message reports; None for message types we do not follow."""
     kind_action = _ACTIONS.get(msg["header"]["type"])
     if kind_action is None:
@@ -57,14 +66,14 @@ def change_from(msg: Any, netns: int, monotonic_ns: int,
     attrs = m.attributes(msg)
     mtype = msg["header"]["type"]
     if mtype in (m.XFRM_MSG_NEWSA, m.XFRM_MSG_UPDSA):
-        change.sa = sa_from(msg, attrs, show_keys)
+        change.sa = sa_from(msg, attrs, keys)
     elif mtype == m.XFRM_MSG_DELSA:
         inner = attrs.get("XFRMA_SA")
         if inner is None:
             raise ValueError("XFRM_MSG_DELSA without XFRMA_SA")
-        change.sa = sa_from(inner, attrs, show_keys)
+        change.sa = sa_from(inner, attrs, keys)
     elif mtype == m.XFRM_MSG_EXPIRE:
-        change.sa = sa_from(msg, attrs, show_keys)
+        change.sa = sa_from(msg, attrs, keys)
         change.hard = bool(msg["hard"])
     elif mtype == m.XFRM_MSG_FLUSHSA:
         change.flushed_proto = PROTOCOLS.get(msg["proto"]) if msg["proto"] else None

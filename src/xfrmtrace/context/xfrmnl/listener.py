@@ -17,7 +17,7 @@ from typing import Optional
 from xfrmtrace.context.xfrmnl import messages as m
 from xfrmtrace.context.xfrmnl.changes import PRESENT, XfrmChange, change_from
 from xfrmtrace.context.xfrmnl.database import XfrmDatabase
-from xfrmtrace.context.xfrmnl.model import policy_from, sa_from
+from xfrmtrace.context.xfrmnl.model import REDACT, KeyPolicy, policy_from, sa_from
 from xfrmtrace.context.xfrmnl.socket import XfrmSocket
 from xfrmtrace.context.xfrmnl.tc import TcSocket, tc_change_from
 from xfrmtrace.kernel.nsenter import netns_inode
@@ -32,9 +32,9 @@ RESCAN_S = 1.0
 class XfrmWatcher:
     """Sockets per namespace, the database they feed, and the changes they report."""
 
-    def __init__(self, show_keys: bool = False, run_netns: Path = RUN_NETNS) -> None:
+    def __init__(self, keys: KeyPolicy = REDACT, run_netns: Path = RUN_NETNS) -> None:
         self.db = XfrmDatabase()
-        self._show_keys = show_keys
+        self._keys = keys
         self._run_netns = run_netns
         self._sockets: dict[int, XfrmSocket] = {}  # netns inode -> socket
         # Entries that could not be opened (a name being created, a stale file): tried
@@ -116,7 +116,7 @@ class XfrmWatcher:
         """Dump the SAD and SPD on a separate socket, so notifications cannot mix in."""
         sock = XfrmSocket(None if path == OWN_NETNS else path)
         try:
-            sas = [sa_from(msg, m.attributes(msg), self._show_keys)
+            sas = [sa_from(msg, m.attributes(msg), self._keys)
                    for msg in sock.dump(m.XFRM_MSG_GETSA)
                    if msg["header"]["type"] == m.XFRM_MSG_NEWSA]
             policies = [policy_from(msg, m.attributes(msg))
@@ -167,7 +167,7 @@ class XfrmWatcher:
         found = []
         for msg in messages:
             try:
-                change = change_from(msg, inode, now, self._show_keys)
+                change = change_from(msg, inode, now, self._keys)
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("netns %d: odd XFRM notification ignored: %s", inode, err)
                 continue

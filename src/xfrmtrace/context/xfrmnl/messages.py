@@ -6,8 +6,8 @@ flat, so nested structs are spelled out with a prefix (``sel_`` for the selector
 
 Key material: the algorithm attributes (``XFRMA_ALG_*``) declare only the algorithm name
 and key length as fields, so decoding never copies key bytes into a message object.  The
-bytes stay in the receive buffer, reachable only through :func:`algorithm_key`, which the
-``--show-keys`` path alone calls.
+bytes stay in the receive buffer, reachable only through :func:`algorithm_key`, which only
+``--show-keys`` and ``--key-fingerprint-secret`` make the model call.
 """
 
 from __future__ import annotations
@@ -351,7 +351,8 @@ class MarshalXfrm(Marshal):
 
 
 def algorithm_key(attr: nla) -> Optional[bytes]:
-    """The key bytes behind an ``XFRMA_ALG_*`` attribute: for ``--show-keys`` only."""
+    """The key bytes behind an ``XFRMA_ALG_*`` attribute: for ``--show-keys`` and the
+    keyed fingerprint only (model.KeyPolicy)."""
     header = {"xfrm_algo": 68, "xfrm_algo_auth": 72, "xfrm_algo_aead": 72}.get(
         type(attr).__name__)
     if header is None:

@@ -1,12 +1,15 @@
 """SAs and policies as plain data, built from decoded NETLINK_XFRM messages.
 
 This is where key material is dropped: an :class:`Algorithm` carries the algorithm's name
-and key length, and its key only when the user asked for ``--show-keys``.  Nothing else in
-xfrmtrace ever sees key bytes.
+and key length, its key only when the user asked for ``--show-keys``, and with
+``--key-fingerprint-secret`` a keyed fingerprint of it (:class:`KeyPolicy`).  Nothing else
+in xfrmtrace ever sees key bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -51,10 +54,41 @@ class Algorithm:
     key_bits: int
     icv_bits: Optional[int] = None  # AEAD ICV or truncated auth length
     key: str = REDACTED  # hex, only with --show-keys
+    key_fingerprint: Optional[str] = None  # KeyPolicy.fingerprint, with a secret
 
     def describe(self) -> str:
         icv = f"/{self.icv_bits}" if self.icv_bits else ""
-        return f"{self.kind} {self.name} ({self.key_bits}-bit key{icv}) key {self.key}"
+        fingerprint = f" fingerprint {self.key_fingerprint}" if self.key_fingerprint else ""
+        return (f"{self.kind} {self.name} ({self.key_bits}-bit key{icv}) key {self.key}"
+                f"{fingerprint}")
+
+
+# Domain separation: a fingerprint is never a MAC of anything else keyed with that secret.
+_FINGERPRINT_LABEL = b"xfrmtrace SA key fingerprint v1\0"
+FINGERPRINT_SECRET_MIN = 16  # bytes
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What becomes of SA keys: ``<redacted>``, the key itself (``--show-keys``), and with a
+    secret shared by every node's tracer (``--key-fingerprint-secret``) a fingerprint, so two
+    nodes' logs tell the same key from a different one (a key changed on one side only: the
+    receiver's XfrmInStateProtoError) without either log holding the key.  The fingerprint
+    is HMAC-SHA-256 keyed with that secret, truncated to 128 bits: without the secret it
+    says nothing of the key, and with it, still nothing a 128-bit key could be guessed from.
+    """
+
+    show: bool = False
+    fingerprint_secret: Optional[bytes] = None
+
+    def fingerprint(self, key: Optional[bytes]) -> Optional[str]:
+        if self.fingerprint_secret is None or key is None:
+            return None
+        mac = hmac.new(self.fingerprint_secret, _FINGERPRINT_LABEL + key, hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+
+REDACT = KeyPolicy()  # the default: keys redacted, no fingerprint
 
 
 @dataclass(frozen=True)
@@ -241,23 +275,23 @@ _ALGORITHM_ATTRS = (
 )
 
 
-def _algorithms(attrs: dict[str, Any], show_keys: bool) -> tuple[Algorithm, ...]:
+def _algorithms(attrs: dict[str, Any], keys: KeyPolicy) -> tuple[Algorithm, ...]:
     found = []
     for attr, kind, icv_field in _ALGORITHM_ATTRS:
         nla = attrs.get(attr)
         if nla is None or (attr == "XFRMA_ALG_AUTH" and "XFRMA_ALG_AUTH_TRUNC" in attrs):
             continue
-        key = REDACTED
-        if show_keys:
-            raw = m.algorithm_key(nla)
-            key = "0x" + raw.hex() if raw is not None else REDACTED
+        raw = m.algorithm_key(nla) if keys.show or keys.fingerprint_secret else None
+        key = "0x" + raw.hex() if keys.show and raw is not None else REDACTED
         found.append(Algorithm(kind=kind, name=_name(nla["alg_name"]),
                                key_bits=nla["alg_key_len"],
-                               icv_bits=nla[icv_field] if icv_field else None, key=key))
+                               icv_bits=nla[icv_field] if icv_field else None, key=key,
+                               key_fingerprint=keys.fingerprint(raw)))
+        del raw  # the key's bytes go no further than this loop
     return tuple(found)
 
 
-def sa_from(info: Any, attrs: dict[str, Any], show_keys: bool = False) -> SA:
+def sa_from(info: Any, attrs: dict[str, Any], keys: KeyPolicy = REDACT) -> SA:
     """An :class:`SA` from an ``xfrm_usersa_info`` (message or XFRMA_SA) and attributes."""
     family = info["family"]
     mark = attrs.get("XFRMA_MARK")
@@ -281,7 +315,7 @@ def sa_from(info: Any, attrs: dict[str, Any], show_keys: bool = False) -> SA:
         esn=bool(info["flags"] & 128),
         encap=(f"{ENCAP_TYPES.get(encap['encap_type'], encap['encap_type'])} "
                f"{encap['encap_sport']}->{encap['encap_dport']}") if encap is not None else None,
-        algorithms=_algorithms(attrs, show_keys),
+        algorithms=_algorithms(attrs, keys),
         selector=_selector(info),
         lifetime=_lifetime(info),
         replay_errors=info["stats_replay"],
