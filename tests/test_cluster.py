@@ -250,8 +250,8 @@ def test_both_logs_of_a_rebooted_node(tmp_path: Path) -> None:
     after.policies(60)  # the tracer's second start, after the reboot
     after.sa("present", 60, 0x3000, B, A)
     after.error(70, "XfrmInNoStates", 0x1000, A, B)
-    paths = [a.write(tmp_path), before.write(tmp_path, name="node-b-previous"),
-             after.write(tmp_path)]
+    paths = [after.write(tmp_path), a.write(tmp_path),  # given in any order
+             before.write(tmp_path, name="node-b-previous")]
     report = cluster.join(reader.build(reader.read_logs(paths)))
     finding = only(report)
     assert finding.receiver_sa["status"] == "gone-at-restart"

@@ -276,7 +276,9 @@ def test_cluster_lab_moved_what_each_step_should(deploy: dict) -> None:
 
 
 def test_cluster_logs_are_per_node_and_namespace(deploy: dict) -> None:
-    """--node-name tags and --filter-netns keeps each log to its own namespace."""
+    """--node-name tags and --filter-netns keeps each log to its own namespace; keys show as
+    fingerprints, equal for the same key on both nodes."""
+    fingerprints: dict[str, set] = {}
     for log, node in (("node-a", "node-a"), ("node-b", "node-b"),
                       ("node-b-rebooted", "node-b")):
         lines = [json.loads(line) for line in
@@ -285,6 +287,13 @@ def test_cluster_logs_are_per_node_and_namespace(deploy: dict) -> None:
         assert lines and {x["node"] for x in lines} == {node}
         assert len({x["netns"] for x in lines if x["type"] in ("sa", "policy")}) == 1
         assert any(x["type"] == "sa" and x["action"] == "present" for x in lines)
+        fingerprints[log] = {(x["sa"]["spi"], a["key_fingerprint"]) for x in lines
+                             if x["type"] == "sa" and x["sa"] for a in x["sa"]["algorithms"]}
+        assert all(fp and len(fp) == 32 for _spi, fp in fingerprints[log])
+    # Both namespaces hold the lab's key for the initial SPI: one fingerprint on both sides.
+    initial = _cluster(deploy)["spis"]["initial"]
+    assert {fp for spi, fp in fingerprints["node-a"] if spi == initial} == {
+        fp for spi, fp in fingerprints["node-b"] if spi == initial}
 
 
 def test_report_across_nodes_names_the_senders_sa(deploy: dict) -> None:
@@ -307,6 +316,8 @@ def test_report_across_nodes_names_the_senders_sa(deploy: dict) -> None:
     assert replaced["receiver_sa"]["status"] == "never", replaced
     assert replaced["sender_sa"]["installed"] < replaced["first"]
     assert "node-a sends with its outbound SA spi" in replaced["summary"]
+    kinds = {f["kind"] for p in report["cluster"]["pairs"] for f in p["flags"]}
+    assert "key-differs" not in kinds and "algorithms-differ" not in kinds
 
 
 def test_report_across_nodes_after_a_peer_reboot(deploy: dict) -> None:

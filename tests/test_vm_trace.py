@@ -79,6 +79,11 @@ def run(request, tmp_path_factory) -> dict:
                 f"scenarios {data.get('scenario_seconds')} s, "
                 f"audit {data.get('audit', {}).get('seconds')} s, "
                 f"tool peak RSS {data.get('tool_peak_rss_kib', 0) // 1024} MiB")
+    present, moved = scenarios.moved_counters(data.get("scenarios", {}))
+    report_line(request.config,
+                f"{'':5s} counters no scenario moves: " + (", ".join(
+                    f"{c} ({scenarios.UNMOVED_WHY.get(c, 'NO REASON GIVEN')})"
+                    for c in sorted(present - moved)) or "none"))
     if data["audit_entries"] is not None:
         by_class = Counter(e["classification"] for e in data["audit_entries"])
         report_line(request.config,
@@ -92,6 +97,14 @@ def _events(data: dict, counter: str, netns: int) -> list[dict]:
 
 
 # ---- the tool as a whole ------------------------------------------------------------------------
+
+
+def test_every_counter_is_moved_or_says_why(run: dict) -> None:
+    """Each counter this kernel has is moved by a scenario or listed with the reason it is
+    not (tests/guest/scenarios.py UNMOVED_WHY; the matrix report prints them)."""
+    present, moved = scenarios.moved_counters(run["scenarios"])
+    assert len(present) >= 28, present
+    assert sorted(present - moved - set(scenarios.UNMOVED_WHY)) == []
 
 
 def test_tool_ran_and_stopped_cleanly(run: dict) -> None:

@@ -3,7 +3,8 @@ across nodes (tests/test_vm_deploy.py runs `xfrmtrace report` on what this recor
 
 Runs INSIDE the VM.  Namespace ``xn-a`` is node-a, ``xn-b`` node-b; each has its own
 xfrmtrace (``--node-name``, ``--filter-netns``: that namespace's events and SA/policy
-timeline only), writing one JSON log, as a DaemonSet pod per node would.  A sends pings to
+timeline only) and the same key fingerprint secret, writing one JSON log, as a DaemonSet
+pod per node would.  A sends pings to
 B while, in turn:
 
 1. **rotation, old inbound SA removed too early**: B installs the new inbound SPI and
@@ -32,6 +33,7 @@ NODES = {"node-a": "xn-a", "node-b": "xn-b"}
 ROTATED_SPI, REPLACED_SPI, AFTER_REBOOT_SPI = 0x1001, 0x5000, 0x6000
 CACHE = "/tmp/xfrmtrace-cache-pyz"  # warm from the zipapp phase: the same kernel's sites
 PORTS = {"node-a": 9481, "node-b": 9482, "node-b-rebooted": 9483}  # one metrics port each
+SECRET = "fingerprint-secret"  # shared by the tracers, as the chart's Secret is
 
 
 def _tool(out: Path, node: str, log: str) -> guest_tool.Tool:
@@ -39,7 +41,8 @@ def _tool(out: Path, node: str, log: str) -> guest_tool.Tool:
     directory.mkdir(parents=True, exist_ok=True)
     # The last --metrics-addr counts: Tool's default port is taken by the first one.
     return guest_tool.Tool(directory, ["--node-name", node, "--filter-netns", NODES[node],
-                                       "--metrics-addr", f"127.0.0.1:{PORTS[log]}"],
+                                       "--metrics-addr", f"127.0.0.1:{PORTS[log]}",
+                                       "--key-fingerprint-secret", str(out / SECRET)],
                            cache_dir=CACHE)
 
 
@@ -62,6 +65,7 @@ def _step(lab: ipsec.Lab, name: str, steps: List[Dict[str, Any]], count: int) ->
 
 def run(out: Path, count: int) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    (out / SECRET).write_text("one secret for every node of this lab\n")
     lab = ipsec.Lab(ipsec.LabConfig(ns_a=NODES["node-a"], ns_b=NODES["node-b"],
                                     veth_a="xn-va", veth_b="xn-vb"))
     c = lab.cfg

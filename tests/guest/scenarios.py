@@ -390,6 +390,46 @@ _ALL = [
 ]
 SCENARIOS: Dict[str, Scenario] = {s.name: s for s in _ALL}
 
+# Counters no scenario moves, and why (the matrix report lists them per kernel; a counter a
+# kernel has that no scenario moves and that is not here fails tests/test_vm_trace.py).
+UNMOVED_WHY: Dict[str, str] = {
+    "XfrmInError": "inbound failures before or around the SA lookup that the lab does not "
+                   "provoke (secpath allocation, offload/GRO errors)",
+    "XfrmInBufferError": "a buffer allocation failed: needs memory pressure",
+    "XfrmInStateModeError": "the SA's mode input handler failed: needs a corrupt inner "
+                            "header that still authenticates",
+    "XfrmInStateInvalid": "the SA went invalid between lookup and use: a race",
+    "XfrmInPolError": "the inbound policy lookup itself failed (an LSM denial)",
+    "XfrmOutError": "generic output failures (skb copy or GSO segmentation)",
+    "XfrmOutBundleGenError": "bundle creation failed for a reason other than a missing SA "
+                             "(the route to the tunnel endpoint)",
+    "XfrmOutBundleCheckError": "a cached bundle failed its check: its route changed "
+                               "under it, a race",
+    "XfrmOutStateProtoError": "the SA's output transform failed (an ESP encryption error)",
+    "XfrmOutStateModeError": "the SA's mode output handler failed",
+    "XfrmOutPolDead": "a policy was deleted while a packet was routed through it: a race",
+    "XfrmOutPolError": "the outbound policy lookup itself failed (an LSM denial)",
+    "XfrmFwdHdrError": "a forwarded packet's headers could not be decoded for the policy "
+                       "check: the lab does not forward",
+    "XfrmOutStateInvalid": "the SA went invalid between lookup and output: a race",
+    "XfrmAcquireError": "the acquire to the key manager could not be sent",
+    "XfrmInIptfsError": "IP-TFS (Linux 6.14+): no scenario yet, the lab's iproute2 (6.1) "
+                        "cannot add a mode iptfs SA",
+    "XfrmOutNoQueueSpace": "IP-TFS (Linux 6.14+): no scenario yet, the lab's iproute2 (6.1) "
+                           "cannot add a mode iptfs SA",
+}
+
+
+def moved_counters(records: Dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(counters the kernel has, counters some scenario moved) from run_scenarios' records."""
+    present, moved = set(), set()
+    for record in records.values():
+        for lab in record.get("labs", []):
+            for totals in lab.get("totals", {}).values():
+                present |= set(totals)
+                moved |= {c for c, n in totals.items() if n}
+    return present, moved
+
 
 def run_one(scenario: Scenario, ctx: Context, kernel_counters: set[str]) -> Dict[str, Any]:
     """Run a scenario; the record says what was sent where, or why it was skipped."""

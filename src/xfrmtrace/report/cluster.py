@@ -217,7 +217,9 @@ def endpoint_logs(report: Report) -> dict[tuple[str, int], EndpointLog]:
                                               first_time=report.first_times.get(node, ""))
         return logs[(node, netns)]
 
-    for record in report.change_records:
+    # In time order (stable: one tool writes in order), so logs given in any order, such as a
+    # node's logs from before and after its reboot, read as one timeline.
+    for record in sorted(report.change_records, key=lambda r: str(r.get("time"))):
         log = log_of(str(record.get("node")), _int(record.get("netns")) or 0,
                      _text(record.get("netns_name")))
         present, time = record.get("action") == "present", str(record.get("time"))
