@@ -445,3 +445,32 @@ def test_a_warm_start_loads_no_disassembler() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cached_site_under_another_tracers_kprobe_is_still_good() -> None:
+    """A second xfrmtrace (or pwru, bpftrace) attached first leaves int3, or once optimized a
+    jmp rel32, over the site's first bytes: the cache is still right, the exact check is
+    not (it is what waiting for our own probes to go away needs)."""
+    from xfrmtrace.resolve.model import Site
+    from xfrmtrace.resolve.sitecache import decodes_as_resolved, resolved_or_probed
+
+    code = bytes.fromhex("65488104c5e8010000" "01000000")  # add qword gs:[rax*8+0x1e8], 1
+    site = Site(object="vmlinux", function="f", offset=8, address=0x1000, counter="C",
+                counter_index=1, mib_reg="rax", code=code.hex())
+
+    def text(live: bytes):
+        return lambda address, size: live[:size] if address == 0x1000 else b""
+
+    under_int3 = b"\xcc" + code[1:]
+    under_jmp = b"\xe9\x10\x20\x30\x40" + code[5:]
+    for live, probed_ok, exact_ok in [(code, True, True), (under_int3, True, False),
+                                      (under_jmp, True, False),
+                                      (b"\xe9\x10\x20\x30\x40" + b"\0" * (len(code) - 5),
+                                       False, False),  # a jump, but the rest differs
+                                      (b"\x90" + code[1:], False, False),
+                                      (code[:-1], False, False)]:  # short read
+        assert resolved_or_probed(site, text(live)) is probed_ok, live.hex()
+        assert decodes_as_resolved(site, text(live)) is exact_ok, live.hex()
+    short = Site(object="vmlinux", function="f", offset=8, address=0x1000, counter="C",
+                 counter_index=0, mib_reg="rax", code="6548ff00")  # inc qword gs:[rax]
+    assert resolved_or_probed(short, text(b"\xe9\x01\x02\x03"))  # the jump covers it whole

@@ -465,8 +465,10 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
         cache = _site_cache(args)
         resolution = discovery.resolve_sites(view, cache=cache)
         if not resolution.sites:
-            raise KernelFeatureMissing("no XFRM counter increment sites found in kernel text: "
-                                       "run `xfrmtrace sites --audit` to see why")
+            raise KernelFeatureMissing(
+                "no XFRM counter increment sites found in kernel text: run `xfrmtrace sites "
+                "--audit` to see why (another tracer's kprobes on them hide them from a first "
+                "scan: start xfrmtrace before it, or keep its --cache-dir)")
         session = TraceSession(view, resolution.sites, options, out, status, modules, cache,
                                pcap=pcap, metrics=metrics)
         deadline = time.monotonic() + args.duration if args.duration else None

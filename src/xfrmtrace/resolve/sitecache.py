@@ -154,8 +154,9 @@ class SiteCache:
 
     @staticmethod
     def _check_instruction(site: Site, view: KernelView) -> None:
-        """The cached site must still hold the very instruction it was resolved from."""
-        if not decodes_as_resolved(site, view.text.read):
+        """The cached site must still hold the very instruction it was resolved from (or
+        hold it under someone else's kprobe)."""
+        if not resolved_or_probed(site, view.text.read):
             raise ValueError(f"instruction at {site.label} differs from the cached one")
 
 
@@ -186,11 +187,41 @@ def _int(value: Any) -> int:
     return value
 
 
+KPROBE_INT3 = 0xCC  # x86 breakpoint, a kprobe's first form
+KPROBE_JMP = 0xE9  # jmp rel32, an optimized kprobe (CONFIG_OPTPROBES)
+JMP_REL32_LEN = 5
+
+
 def decodes_as_resolved(site: Site, read: Callable[[int, int], bytes]) -> bool:
     """True when the text at ``site`` still holds the bytes it was resolved from (not, say,
     a kprobe's int3 or jump).  Bytes, not disassembly: a warm start needs no disassembler."""
-    try:
-        code = bytes.fromhex(site.code)
-    except (TypeError, ValueError):
-        return False
+    code = _code(site)
     return bool(code) and read(site.address, len(code)) == code
+
+
+def resolved_or_probed(site: Site, read: Callable[[int, int], bytes]) -> bool:
+    """True when the text at ``site`` holds the bytes it was resolved from, or those bytes
+    under another tracer's kprobe: a cached site is still good then.
+
+    A kprobe writes int3 (0xcc) over the first byte of the instruction it probes and, once
+    optimized, a 5-byte ``jmp rel32`` (0xe9) to its detour buffer; the other bytes stay.
+    Another xfrmtrace (a second pod, a host run) or pwru, bpftrace or perf probe on the same
+    site must not make the cache look stale: a resolution from scratch then sees no
+    increment there at all.
+    """
+    code = _code(site)
+    live = read(site.address, len(code)) if code else b""
+    if not code or len(live) != len(code):
+        return False
+    if live == code or (live[0] == KPROBE_INT3 and live[1:] == code[1:]):
+        return True
+    # An instruction shorter than the jump is covered whole (with its neighbour): nothing
+    # of it to compare, the address and the build (the cache's key) vouch for it.
+    return live[0] == KPROBE_JMP and live[JMP_REL32_LEN:] == code[JMP_REL32_LEN:]
+
+
+def _code(site: Site) -> bytes:
+    try:
+        return bytes.fromhex(site.code)
+    except (TypeError, ValueError):
+        return b""
