@@ -36,6 +36,7 @@ from xfrmtrace.errors import DecodeError, InputError, PermissionProblem
 from xfrmtrace.kernel.kallsyms import Kallsyms
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
+from xfrmtrace.report import cluster
 from xfrmtrace.report import reader as report
 from xfrmtrace.report.html import write_html
 
@@ -548,7 +549,10 @@ def test_report_reads_any_log(tmp_path_factory: pytest.TempPathFactory, lines: l
     out = io.StringIO()
     report.write_text(result, out)
     assert ("were not xfrmtrace JSON" in out.getvalue()) == ("junk" in kinds)
-    write_html(result, io.StringIO())
+    nodes = cluster.join(result)
+    write_html(result, nodes, io.StringIO())
+    cluster.text_lines(nodes)
+    json.dumps(cluster.to_dict(nodes))
     json.dumps([dataclasses.asdict(g) for g in result.groups])
 
 

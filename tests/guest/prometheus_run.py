@@ -66,6 +66,11 @@ def _config(out: Path, target: str, rules: Path) -> Path:
     return path
 
 
+def _target_up() -> bool:
+    # activeTargets is empty until service discovery has run once: not up yet, not an error.
+    return any(t.get("health") == "up" for t in _api("targets")["activeTargets"])
+
+
 def _series(netns: int) -> Callable[[], List[Any]]:
     def check() -> List[Any]:
         return _api("query", query=f'xfrmtrace_xfrm_errors_total{{counter="XfrmInNoStates",'
@@ -93,8 +98,7 @@ def alert_phase(target: str, rules: Path, out: Path, count: int) -> Dict[str, An
                             stdout=log, stderr=subprocess.STDOUT)
     ctx: Optional[scenarios.Context] = None
     try:
-        _, record["ready_seconds"] = _wait("the server", lambda: _api("targets")
-                                           ["activeTargets"][0]["health"] == "up", proc)
+        _, record["ready_seconds"] = _wait("the server to scrape the tool", _target_up, proc)
         ctx = scenarios.Context("prom", count)
         record["scenario"] = scenarios.run_one(scenarios.SCENARIOS["in-no-states"], ctx,
                                                set(ipsec.parse_xfrm_stat(
