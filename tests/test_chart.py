@@ -16,6 +16,9 @@ import copy
 import functools
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +39,7 @@ BASE_CAPABILITIES = {"BPF", "PERFMON", "SYS_RAWIO", "SYSLOG", "SYS_RESOURCE"}
 # hostPath mounts the tool writes to; every other hostPath mount must be read-only.
 WRITABLE_HOST_MOUNTS = {"/var/cache/xfrmtrace", "/var/log/xfrmtrace", "/sys/kernel/tracing"}
 EXPECTED_KINDS = {"ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "Pod",
-                  "PrometheusRule", "ConfigMap", "Secret"}
+                  "PrometheusRule", "ConfigMap", "Secret", "ClusterRole", "ClusterRoleBinding"}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -66,7 +69,9 @@ def rendered(name: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def container(name: str) -> dict[str, Any]:
-    (ctr,) = daemonset_pod_spec(rendered(name)[0])["containers"]
+    """The tracer's container (the first; kube-rbac-proxy, if any, comes after it)."""
+    ctr = daemonset_pod_spec(rendered(name)[0])["containers"][0]
+    assert ctr["name"] == "xfrmtrace"
     return ctr
 
 
@@ -94,7 +99,7 @@ scenario = pytest.mark.parametrize("name", sorted(SCENARIOS))
 
 
 def test_required_scenarios_exist() -> None:
-    assert {"default", "minimal", "full", "lab"} <= set(SCENARIOS)
+    assert {"default", "minimal", "full", "lab", "localhost", "rbacproxy"} <= set(SCENARIOS)
 
 
 # --- 1. helm lint ------------------------------------------------------------------------
@@ -258,11 +263,26 @@ def test_args_follow_values(name: str) -> None:
     metrics = values["metrics"]
     if metrics["enabled"]:
         port = metrics["port"]
-        assert flag_value(args, "--metrics-addr") == f"$(POD_IP):{port}"
-        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        assert ctr["ports"] == [{"name": "metrics", "containerPort": port, "hostPort": port,
-                                 "protocol": "TCP"}]
-        assert ctr["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        assert flag_value(args, "--metrics-netns-limit") == str(metrics["netnsLimit"])
+        if metrics["exposure"] != "kubeRbacProxy":
+            assert ctr["ports"] == [{"name": "metrics", "containerPort": port,
+                                     "hostPort": port, "protocol": "TCP"}]
+        probe: dict[str, Any] = {"path": "/metrics", "port": "metrics"}
+        if metrics["exposure"] == "kubeRbacProxy":
+            # The tool behind the proxy, on loopback; the proxy has the node's port.
+            internal = metrics["kubeRbacProxy"]["internalPort"]
+            assert flag_value(args, "--metrics-addr") == f"127.0.0.1:{internal}"
+            assert "POD_IP" not in env and "ports" not in ctr
+            probe.update(host="127.0.0.1", port=internal)
+        elif metrics["exposure"] == "localhost":
+            # Not on the node IP at all; the kubelet (host network namespace) still probes it.
+            assert flag_value(args, "--metrics-addr") == f"127.0.0.1:{port}"
+            assert "POD_IP" not in env
+            probe["host"] = "127.0.0.1"
+        else:
+            assert flag_value(args, "--metrics-addr") == f"$(POD_IP):{port}"
+            assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert ctr["readinessProbe"]["httpGet"] == probe
     else:
         assert "--metrics-addr" not in args and "POD_IP" not in env
         assert "ports" not in ctr and "readinessProbe" not in ctr
@@ -301,7 +321,14 @@ def test_args_of_named_scenarios() -> None:
     assert flag_value(lab, "--output-pcap") == "/var/log/xfrmtrace/events.pcapng"
     assert flag_value(lab, "--rate-limit") == "0"
 
+    localhost = rendered("localhost")[0]
+    assert flag_value(container("localhost")["args"], "--metrics-addr") == "127.0.0.1:9477"
+    assert "prometheus.io/scrape" not in yaml.safe_dump(localhost)  # nothing to scrape remotely
+    [test_pod] = [o for o in localhost if o["kind"] == "Pod"]
+    assert {"name": "HOST_IP", "value": "127.0.0.1"} in test_pod["spec"]["containers"][0]["env"]
+
     default = container("default")
+    assert flag_value(default["args"], "--metrics-netns-limit") == "64"
     assert flag_value(default["args"], "--output") == "json"
     assert flag_value(default["args"], "--rate-limit") == "100"
     assert "SYS_ADMIN" in default["securityContext"]["capabilities"]["add"]
@@ -360,6 +387,101 @@ def test_helm_test_pod() -> None:
     compile(ctr["command"][-1], "test-metrics", "exec")  # the script is valid Python
 
 
+def _helm_test_script(name: str) -> str:
+    (pod,) = [o for o in rendered(name)[0] if o["kind"] == "Pod"]
+    script: str = pod["spec"]["containers"][0]["command"][-1]
+    return script
+
+
+def test_helm_test_script_reads_the_real_endpoint() -> None:
+    """The hook's script, run here against the tool's real metrics server: it passes on
+    xfrmtrace metrics, and fails on an endpoint that serves something else."""
+    metrics = pytest.importorskip("xfrmtrace.output.metrics")
+    server = metrics.MetricsServer(("127.0.0.1", 0))
+    server.start(lambda: None)
+    port = server.url.rsplit(":", 1)[1].split("/")[0]
+    env = {"HOST_IP": "127.0.0.1", "METRICS_PORT": port, "METRICS_SCHEME": "http",
+           "PATH": "/usr/bin:/bin"}
+    try:
+        ran = subprocess.run([sys.executable, "-c", _helm_test_script("default")], env=env,
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "serves xfrmtrace_build_info" in ran.stdout
+
+    with socket.socket() as other:  # an HTTP server that is not xfrmtrace
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        env["METRICS_PORT"] = str(other.getsockname()[1])
+        script = subprocess.Popen([sys.executable, "-c", _helm_test_script("default")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        conn, _ = other.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        conn.close()
+        out, _ = script.communicate(timeout=60)
+    assert script.returncode != 0 and "has no xfrmtrace_build_info" in out, out
+
+
+def test_kube_rbac_proxy() -> None:
+    """exposure=kubeRbacProxy: the proxy owns the node's port over HTTPS, the tool listens on
+    loopback only, only the proxy gets an API token, and the RBAC is exactly what it needs."""
+    objects = rendered("rbacproxy")[0]
+    pod = daemonset_pod_spec(objects)
+    tool, proxy = pod["containers"]
+    assert proxy["name"] == "kube-rbac-proxy"
+    assert proxy["image"] == "quay.io/brancz/kube-rbac-proxy:v0.19.1"
+    assert proxy["args"] == ["--secure-listen-address=$(POD_IP):9477",
+                             "--upstream=http://127.0.0.1:9476/", "--allow-paths=/metrics"]
+    assert flag_value(tool["args"], "--metrics-addr") == "127.0.0.1:9476"
+    assert proxy["ports"] == [{"name": "metrics", "containerPort": 9477, "hostPort": 9477,
+                               "protocol": "TCP"}]
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    # The token: projected for the proxy alone, never for the tracer.
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert pod["automountServiceAccountToken"] is False
+    assert [m["mountPath"] for m in proxy["volumeMounts"]] == [token_path]
+    assert all(not m["mountPath"].startswith("/var/run/secrets/kubernetes.io")
+               for m in tool["volumeMounts"])
+    (token,) = [v for v in pod["volumes"] if v["name"] == "kube-rbac-proxy-token"]
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    bindings = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRoleBinding"}
+    assert roles["xfrmtrace-kube-rbac-proxy"]["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]}]
+    assert roles["xfrmtrace-metrics-reader"]["rules"] == [
+        {"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    own = {"kind": "ServiceAccount", "name": "xfrmtrace", "namespace": "kube-system"}
+    assert bindings["xfrmtrace-kube-rbac-proxy"]["subjects"] == [own]
+    assert bindings["xfrmtrace-metrics-reader"]["subjects"] == [
+        own, {"kind": "ServiceAccount", "name": "prometheus-k8s", "namespace": "monitoring"}]
+    for name, binding in bindings.items():
+        assert binding["roleRef"]["name"] == name and name in roles
+
+    (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+    assert endpoint["bearerTokenFile"] == f"{token_path}/token"
+    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    assert daemonset["spec"]["template"]["metadata"]["annotations"][
+        "prometheus.io/scheme"] == "https"
+    # helm test scrapes with the release's token (bound to the reader role above).
+    (test_pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert test_pod["spec"]["serviceAccountName"] == "xfrmtrace"
+    env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env["METRICS_SCHEME"] == "https" and env["TOKEN_FILE"]
+    # Nothing of it without the proxy.
+    assert not {"ClusterRole", "ClusterRoleBinding"} & {o["kind"] for o in rendered("default")[0]}
+    assert len(daemonset_pod_spec(rendered("default")[0])["containers"]) == 1
+
+
 # --- 5. values schema --------------------------------------------------------------------
 
 def _undescribed(schema: dict[str, Any], where: str) -> list[str]:
@@ -407,6 +529,13 @@ def test_schema_describes_every_value() -> None:
     ("output.file.count=0", "/output/file/count"),
     ("output.file.maxSizeMiB=0.0", "/output/file/maxSizeMiB"),
     ("xfrmState.allNamespces=false", "allNamespces"),
+    ("metrics.exposure=0.0.0.0", "/metrics/exposure"),
+    ("metrics.netnsLimit=-1", "/metrics/netnsLimit"),
+    # 127.0.0.1 cannot be reached through a Service: refused, not rendered broken.
+    ("metrics.exposure=localhost,metrics.serviceMonitor.enabled=true",
+     "metrics.exposure=localhost"),
+    ("metrics.exposure=kubeRbacProxy,metrics.kubeRbacProxy.internalPort=9477", "internalPort"),
+    ("metrics.kubeRbacProxy.readers[0].name=prometheus", "/metrics/kubeRbacProxy/readers/0"),
 ])
 def test_bad_value_fails_naming_it(setting: str, named: str) -> None:
     proc = helm("template", "x", str(CHART), "--set", setting, check=False)
@@ -445,6 +574,12 @@ def test_notes(name: str, tmp_path: Path) -> None:
     assert granted == expected_capabilities(values), notes
     port = values["metrics"]["port"]
     assert (f":{port}/metrics" in notes) == values["metrics"]["enabled"]
+    if values["metrics"]["enabled"]:  # who can read them is said, with what to do about it
+        exposure = values["metrics"]["exposure"]
+        assert ("Every pod and host that reaches a node's IP can read them" in notes) == \
+            (exposure == "node")
+        assert (f"http://127.0.0.1:{port}/metrics" in notes) == (exposure == "localhost")
+        assert (f"https://<node IP>:{port}/metrics" in notes) == (exposure == "kubeRbacProxy")
     assert ("events.pcapng" in notes) == values["output"]["pcap"]["enabled"]
     assert ("instead of stdout" in notes) == values["output"]["file"]["enabled"]
 

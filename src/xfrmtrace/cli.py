@@ -23,6 +23,7 @@ from xfrmtrace import __version__
 from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.context.xfrmnl.model import FINGERPRINT_SECRET_MIN, KeyPolicy
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+from xfrmtrace.output.netnslabels import DEFAULT_NETNS_LIMIT
 from xfrmtrace.output.safetext import printable
 
 if TYPE_CHECKING:  # imported when used: `--help` must not load the tracing stack
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--metrics-addr", metavar="[HOST:]PORT", type=_listen_address,
                      help="serve Prometheus metrics (exact counts per counter, function and "
                      "namespace) on http://HOST:PORT/metrics; HOST defaults to 127.0.0.1")
+    out.add_argument("--metrics-netns-limit", type=_positive_int, default=DEFAULT_NETNS_LIMIT,
+                     metavar="N", help="at most N namespaces get a metrics label of their own, "
+                     "the rest count under netns=\"other\"; a gone namespace gives its label "
+                     f"back (default {DEFAULT_NETNS_LIMIT}, 0: none)")
     filt = trace.add_argument_group("filters (counts stay exact; only events are filtered)")
     filt.add_argument("--filter-counter", metavar="NAME[,NAME]",
                       help="only these counters, e.g. XfrmInNoStates,XfrmOutNoStates")
@@ -449,7 +454,8 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
         filter_mark=args.filter_mark, rate_limit=args.rate_limit, ringbuf_bytes=args.ringbuf_size,
         ready_file=args.ready_file, follow_xfrm=not args.no_xfrm_state,
         keys=KeyPolicy(show=args.show_keys, fingerprint_secret=args.key_fingerprint_secret),
-        node_name=args.node_name)
+        node_name=args.node_name, metrics_netns_limit=args.metrics_netns_limit,
+        host_proc=args.host_proc)
 
     def status(line: str) -> None:
         print(printable(line), file=status_stream, flush=True)  # names in it: safetext

@@ -25,6 +25,7 @@ from xfrmtrace.kernel.view import KernelView
 from xfrmtrace.output import changes as changes_out
 from xfrmtrace.output import jsonl, text
 from xfrmtrace.output.metrics import MetricsServer, MetricsSnapshot, error_counts
+from xfrmtrace.output.netnslabels import DEFAULT_NETNS_LIMIT, NetnsLabeller, live_netns
 from xfrmtrace.output.pcapng import PcapngWriter
 from xfrmtrace.output.summary import SiteTotal, Summary
 from xfrmtrace.resolve.discovery import function_arguments
@@ -115,6 +116,8 @@ class SessionOptions:
     follow_xfrm: bool = True  # SA/policy timeline and explanations (NETLINK_XFRM)
     keys: KeyPolicy = REDACT  # --show-keys, --key-fingerprint-secret
     node_name: Optional[str] = None  # "node" of every JSON object
+    metrics_netns_limit: int = DEFAULT_NETNS_LIMIT  # namespaces with a metrics label of their own
+    host_proc: Path = Path("/proc")  # the host's /proc (--host-proc): which namespaces exist
 
 
 class TraceSession:
@@ -150,6 +153,9 @@ class TraceSession:
         self.events = 0
         self._pcap = pcap
         self._metrics = metrics
+        self._netns_labels = NetnsLabeller(
+            options.metrics_netns_limit,
+            alive=functools.partial(live_netns, options.host_proc))
         # The metrics thread reads the tracer's maps; this lock keeps it from doing so while
         # the tracing thread adds or removes probes, or closes the tracer.
         self._lock = threading.Lock()
@@ -293,7 +299,8 @@ class TraceSession:
             if tracer is None:
                 return None
             sites = dict(tracer.sites)
-            errors = error_counts(sites, tracer.site_counts(), tracer.netns_counts())
+            errors = error_counts(sites, tracer.site_counts(), tracer.netns_counts(),
+                                  self._netns_labels)
             stats = tracer.stats()
             attached, expected = tracer.site_probes()
         inodes = {int(netns) for _c, _f, netns in errors if netns.isdigit()}

@@ -65,7 +65,36 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The Service is needed by a ServiceMonitor, or asked for on its own. */}}
 {{- define "xfrmtrace.service" -}}
-{{- if and .Values.metrics.enabled (or .Values.metrics.service.enabled .Values.metrics.serviceMonitor.enabled) }}true{{ end }}
+{{- if and .Values.metrics.enabled (or .Values.metrics.service.enabled .Values.metrics.serviceMonitor.enabled) }}
+{{- if eq .Values.metrics.exposure "localhost" }}
+{{- fail "metrics.exposure=localhost cannot be scraped through a Service: disable metrics.service and metrics.serviceMonitor, or listen on the node" }}
+{{- end }}true
+{{- end }}
+{{- end }}
+
+{{/*
+Where the tool's metrics endpoint listens, HOST:PORT: the node IP (hostNetwork: the pod IP
+is the node's), or 127.0.0.1 (metrics.exposure=localhost; and kubeRbacProxy, where the proxy
+listens on the node IP and the tool on its own port behind it).
+*/}}
+{{- define "xfrmtrace.metricsListen" -}}
+{{- if eq .Values.metrics.exposure "node" }}$(POD_IP):{{ .Values.metrics.port | int64 }}
+{{- else if eq .Values.metrics.exposure "localhost" }}127.0.0.1:{{ .Values.metrics.port | int64 }}
+{{- else }}127.0.0.1:{{ include "xfrmtrace.rbacProxyUpstreamPort" . }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when kube-rbac-proxy fronts the metrics. */}}
+{{- define "xfrmtrace.rbacProxy" -}}
+{{- if and .Values.metrics.enabled (eq .Values.metrics.exposure "kubeRbacProxy") }}true{{ end }}
+{{- end }}
+
+{{- define "xfrmtrace.rbacProxyUpstreamPort" -}}
+{{- $port := .Values.metrics.kubeRbacProxy.internalPort | int64 }}
+{{- if eq $port (.Values.metrics.port | int64) }}
+{{- fail "metrics.kubeRbacProxy.internalPort must differ from metrics.port: the proxy listens on metrics.port" }}
+{{- end }}
+{{- $port }}
 {{- end }}
 
 {{/*

@@ -21,6 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from xfrmtrace import __version__
 from xfrmtrace.errors import InputError
+from xfrmtrace.output.netnslabels import NetnsLabeller
 from xfrmtrace.output.safetext import printable
 from xfrmtrace.resolve.model import Site
 
@@ -62,32 +63,42 @@ def parse_listen_address(text: str) -> tuple[str, int]:
 
 
 def error_counts(sites: Mapping[int, Site], site_counts: Mapping[int, int],
-                 netns_counts: Mapping[tuple[int, int], int]) -> ErrorCounts:
-    """Per (counter, function, netns) totals from the per-site and per-(site, netns) maps.
+                 netns_counts: Mapping[tuple[int, int], int],
+                 labeller: Optional[NetnsLabeller] = None) -> ErrorCounts:
+    """Per (counter, function, netns label) totals from the per-site and per-(site, netns)
+    maps.
 
     The per-site count is exact; per-netns entries can be missing (netns 0 when the
     namespace was not found, or the map was full).  What the netns entries do not
-    account for is reported under netns ``"unknown"``, so the sum always equals the
-    per-site totals.
+    account for is reported under netns ``"unknown"``.  Without ``labeller`` every
+    namespace is labelled by its inode and the sum equals the per-site totals; with it,
+    namespaces past its limit share ``"other"`` and gone ones are left out
+    (output/netnslabels.py).
     """
     totals: ErrorCounts = {}
 
-    def add(site: Site, netns: str, count: int) -> None:
-        key = (site.counter, site.function, netns)
-        totals[key] = totals.get(key, 0) + count
+    def add(site_id: int, netns: str, count: int) -> None:
+        site = sites.get(site_id)
+        if site is not None and count > 0:
+            key = (site.counter, site.function, netns)
+            totals[key] = totals.get(key, 0) + count
 
     attributed: dict[int, int] = {}
+    known: dict[tuple[int, int], int] = {}
     for (site_id, netns), count in netns_counts.items():
-        site = sites.get(site_id)
-        if site is None or not count:
+        if site_id not in sites or not count:
             continue
-        add(site, str(netns) if netns else UNKNOWN_NETNS, count)
         attributed[site_id] = attributed.get(site_id, 0) + count
+        if netns:
+            known[(site_id, netns)] = count
+        else:
+            add(site_id, UNKNOWN_NETNS, count)
+    labelled = (labeller.labels(known) if labeller is not None
+                else {(site_id, str(netns)): n for (site_id, netns), n in known.items()})
+    for (site_id, label), count in labelled.items():
+        add(site_id, label, count)
     for site_id, count in site_counts.items():
-        rest = count - attributed.get(site_id, 0)
-        site = sites.get(site_id)
-        if site is not None and rest > 0:
-            add(site, UNKNOWN_NETNS, rest)
+        add(site_id, UNKNOWN_NETNS, count - attributed.get(site_id, 0))
     return totals
 
 
@@ -110,7 +121,8 @@ class _Collector:
             return
         errors = CounterMetricFamily(
             "xfrmtrace_xfrm_errors", "XFRM error counter increments seen by the probes, per "
-            "counter (as in /proc/net/xfrm_stat), kernel function and network namespace inode",
+            "counter (as in /proc/net/xfrm_stat), kernel function and network namespace inode "
+            "(\"other\": namespaces past --metrics-netns-limit; \"unknown\": not known)",
             labels=["counter", "function", "netns"])
         for (counter, function, netns), count in sorted(snap.errors.items()):
             errors.add_metric([counter, function, netns], count)
