@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
 	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
-	chromium-headless-shell prometheus mmdebstrap etcd-server golang-1.19-go dpkg-dev patch
+	chromium-headless-shell prometheus mmdebstrap etcd-server golang-1.19-go dpkg-dev patch openssl
 
 # Only for `make bench` (not part of `make test`): iperf3 (hot path), trafgen from
 # netsniff-ng (error storm), bpftrace (start-up comparison), zstd (vmlinux for the resolver).

@@ -14,12 +14,15 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import http.server
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -422,6 +425,64 @@ def test_helm_test_script_reads_the_real_endpoint() -> None:
         conn.close()
         out, _ = script.communicate(timeout=60)
     assert script.returncode != 0 and "has no xfrmtrace_build_info" in out, out
+
+
+class _Endpoint(http.server.BaseHTTPRequestHandler):
+    """What the hook meets behind kube-rbac-proxy: 401 without the token (when ``token`` is
+    set), metrics with it."""
+
+    token: Optional[str] = None
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.token is not None and \
+                self.headers.get("Authorization") != f"Bearer {self.token}":
+            self.send_error(401)
+            return
+        body = b'xfrmtrace_build_info{version="x"} 1.0\n'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        pass
+
+
+def test_helm_test_script_over_https_with_the_token(tmp_path: Path) -> None:
+    """The rbacproxy hook's script against an HTTPS endpoint with a self-signed certificate
+    that wants the token: it sends the token and checks that a request without it gets 401;
+    an endpoint that serves without a token fails it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl (Debian package openssl) for a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=kube-rbac-proxy", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    token = tmp_path / "token"
+    token.write_text("sekrit-token\n")
+
+    def run(wanted_token: Optional[str]) -> subprocess.CompletedProcess:
+        handler = type("Handler", (_Endpoint,), {"token": wanted_token})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        env = {"HOST_IP": "127.0.0.1", "METRICS_PORT": str(server.server_address[1]),
+               "METRICS_SCHEME": "https", "TOKEN_FILE": str(token), "PATH": "/usr/bin:/bin"}
+        try:
+            return subprocess.run([sys.executable, "-c", _helm_test_script("rbacproxy")],
+                                  env=env, capture_output=True, text=True, timeout=60)
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    guarded = run("sekrit-token")
+    assert guarded.returncode == 0, guarded.stdout + guarded.stderr
+    assert "refuses a request without a token (401)" in guarded.stdout
+    wide_open = run(None)
+    assert wide_open.returncode != 0
+    assert "served metrics without a token" in wide_open.stdout + wide_open.stderr
 
 
 def test_kube_rbac_proxy() -> None:
