@@ -188,7 +188,7 @@ def test_prometheus_scrapes_the_pod_and_the_alert_fires(deploy: dict) -> None:
     the count Prometheus scraped equals the namespace's own /proc/net/xfrm_stat."""
     prom = deploy["pod"]["prometheus"]
     assert "error" not in prom, prom["error"] + "\n" + prom["log"]
-    assert prom["firing_before"] == []  # a series born with its first increments: no rate yet
+    assert prom["firing_before"] == []  # the healthy node, before the lab drops anything
     (alert,) = prom["alerts"]
     assert alert["labels"]["counter"] == "XfrmInNoStates"
     assert alert["labels"]["node"] == "vm" and alert["labels"]["severity"] == "warning"

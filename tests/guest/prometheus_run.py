@@ -6,7 +6,8 @@ Runs INSIDE the VM (from tests/guest/deploy_run.py, while the pod runs).  Debian
 rendered from the chart (thresholds lowered so that a lab's few packets count).  A
 counter series appears at the scrape after its first increment, and ``rate()`` sees only
 what happens after that, as on a real node: so the lab drops packets once, waits until the
-series is in Prometheus, then drops more and waits for the alert to fire.
+series is in Prometheus, then drops more and waits for the alert to fire.  Before any of
+that, a few evaluations of the healthy node must fire nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LISTEN = "127.0.0.1:9090"
 ALERT = "XfrmtraceInboundNoSA"
 TIMEOUT = 180.0  # Prometheus under TCG: start-up, then the rule evaluations
 NODE = "vm"
+BASELINE_SECONDS = 4.0  # scrape and evaluation every second: rate() has samples by then
 
 
 def _api(path: str, **params: str) -> Any:
@@ -99,6 +101,10 @@ def alert_phase(target: str, rules: Path, out: Path, count: int) -> Dict[str, An
     ctx: Optional[scenarios.Context] = None
     try:
         _, record["ready_seconds"] = _wait("the server to scrape the tool", _target_up, proc)
+        # A few scrapes and evaluations of the healthy node first (the earlier scenarios'
+        # series are there, constant): nothing may fire on them.
+        time.sleep(BASELINE_SECONDS)
+        record["firing_before"] = _firing()
         ctx = scenarios.Context("prom", count)
         record["scenario"] = scenarios.run_one(scenarios.SCENARIOS["in-no-states"], ctx,
                                                set(ipsec.parse_xfrm_stat(
@@ -106,9 +112,9 @@ def alert_phase(target: str, rules: Path, out: Path, count: int) -> Dict[str, An
         lab = ctx.labs[0]
         netns_b = record["scenario"]["labs"][0]["netns"][lab.cfg.ns_b]
         record["netns_b"] = netns_b
-        # No alert yet: the series was born with its first increments.
+        # The series is born with its first increments; whether rate() sees the scenario's
+        # own drops depends on whether a scrape fell between its pings: more drops now.
         _, record["series_seconds"] = _wait("the error series", _series(netns_b), proc)
-        record["firing_before"] = _firing()
         ctx.ping(lab)  # the SA is still gone: more packets dropped, now seen by rate()
         record["alerts"], record["alert_seconds"] = _wait(f"{ALERT} to fire", _firing, proc)
         time.sleep(2.0)  # two more scrapes: the counter's final value is in Prometheus
