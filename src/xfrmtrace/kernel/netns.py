@@ -31,17 +31,7 @@ class NetnsNames:
         return self._names.get(inode)
 
     def refresh(self) -> None:
-        names: dict[int, str] = {}
-        for directory in self._directories:
-            try:
-                entries = sorted(os.listdir(directory))
-            except OSError:
-                continue
-            for entry in entries:
-                inode = _inode(directory / entry)
-                if inode:
-                    names.setdefault(inode, entry)
-        self._names = names
+        self._names = named_netns(self._directories)
         self._scanned_at = time.monotonic()
 
     def lookup(self, text: str) -> Optional[int]:
@@ -53,6 +43,21 @@ class NetnsNames:
             if name == text:
                 return inode
         return None
+
+
+def named_netns(directories: Iterable[Path] = NETNS_DIRS) -> dict[int, str]:
+    """Inode -> name of every namespace ``ip netns`` pins under ``directories``."""
+    names: dict[int, str] = {}
+    for directory in directories:
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            inode = _inode(directory / entry)
+            if inode:
+                names.setdefault(inode, entry)
+    return names
 
 
 def _inode(path: Path) -> int:

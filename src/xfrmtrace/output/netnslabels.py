@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from xfrmtrace.kernel.netns import NETNS_DIRS
+from xfrmtrace.kernel.netns import NETNS_DIRS, named_netns
 
 OTHER_NETNS = "other"
 DEFAULT_NETNS_LIMIT = 64
@@ -59,17 +59,7 @@ def live_netns(proc: Path = Path("/proc"), directories: Iterable[Path] = NETNS_D
                 continue
             if link.startswith("net:[") and link.endswith("]"):
                 inodes.add(int(link[5:-1]))
-    for directory in directories:
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            try:
-                inodes.add(os.stat(directory / name).st_ino)
-            except OSError:
-                continue
-    return inodes
+    return inodes | set(named_netns(directories))
 
 
 class NetnsLabeller:
