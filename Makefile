@@ -74,7 +74,7 @@ $(BPF_OBJ): bpf/xfrm.bpf.c bpf/xfrm.h vmlinux.h | deps
 
 # Everything: unit tests, then the end-to-end suite on every kernel of the matrix.
 test: all
-	XFRMTRACE_KERNELS=all $(PY) -m pytest -ra $(PYTEST_ARGS) tests
+	XFRMTRACE_KERNELS=all $(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS) tests
 
 test-unit: all
 	$(PY) -m pytest -ra -m 'not vm' $(PYTEST_ARGS) tests

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab.host import vm
+from vmlab.host import extramodules, vm
 from vmlab.host.kernels import Kernel
 
 FAKE_VNG = """#!{python}
@@ -67,3 +67,39 @@ def test_a_command_that_fails_is_not_run_again(tmp_path: Path, monkeypatch) -> N
     result = _run(tmp_path, monkeypatch, die=0, command="echo ran >> runs; exit 3")
     assert result.returncode == 3 and result.boot_failures == 0 and result.boot_note == ""
     assert (tmp_path / "runs").read_text() == "ran\n"
+
+
+def _kernel(tmp_path: Path, version: str) -> Kernel:
+    modules = tmp_path / "lib" / "modules" / version
+    (modules / "kernel").mkdir(parents=True)
+    return Kernel(series="sid", version=version, vmlinuz=tmp_path / "vmlinuz",
+                  modules_dir=modules, package_version="1.0-1")
+
+
+def test_iptfs_module_not_applicable_before_6_14(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(extramodules, "_build_iptfs", _no_build)
+    why = extramodules.provide_iptfs(_kernel(tmp_path, "6.12.117+deb13-amd64"))
+    assert why == "Linux 6.12.117+deb13-amd64 predates IP-TFS (Linux 6.14)"
+
+
+def test_iptfs_module_a_kernel_ships_is_used_as_it_is(tmp_path: Path, monkeypatch) -> None:
+    """A kernel with xfrm_iptfs.ko of its own (other distributions' config) builds nothing."""
+    monkeypatch.setenv("XFRMTRACE_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(extramodules, "_build_iptfs", _no_build)
+    kernel = _kernel(tmp_path, "7.2.13+deb14-amd64")
+    shipped = kernel.modules_dir / "kernel" / "net" / "xfrm" / "xfrm_iptfs.ko.xz"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"")
+    assert extramodules.provide_iptfs(kernel) is None
+
+
+def test_iptfs_module_build_failure_says_what_failed(tmp_path: Path, monkeypatch) -> None:
+    """A build that fails is an error naming the kernel (the scenario test fails with it)."""
+    monkeypatch.setenv("XFRMTRACE_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(extramodules.ExtraModuleError, match="mmdebstrap is missing.*7.2.13"):
+        extramodules.provide_iptfs(_kernel(tmp_path, "7.2.13+deb14-amd64"))
+
+
+def _no_build(kernel: Kernel, dest: Path) -> None:
+    raise AssertionError("nothing should be built")

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.guest import record_netlink
+from vmlab.guest import xfrm_netlink
 from xfrmtrace.context.explain import explain
 from xfrmtrace.context.xfrmnl import database
 from xfrmtrace.context.xfrmnl.changes import XfrmChange, change_from
@@ -421,3 +422,42 @@ def test_live_watcher_reports_what_it_found_as_present() -> None:
     finally:
         watcher.close()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_lab_requests_decode_as_the_tool_reads_the_kernel() -> None:
+    """The lab's hand-built IP-TFS NEWSA/NEWPOLICY (vmlab/guest/xfrm_netlink.py, struct.pack)
+    and the tool's decoder (pyroute2 classes) are two readings of include/uapi/linux/xfrm.h:
+    they must agree field by field, and the explanation must use the IP-TFS queue limit."""
+    db = XfrmDatabase()
+    messages = [
+        xfrm_netlink.new_sa_message("10.9.0.1", "10.9.0.2", 0x1000, "rfc4106(gcm(aes))",
+                                    "0x" + "11" * 20, 128, 0xD00, 0xF00, "out", reqid=7,
+                                    mode="iptfs", iptfs_max_qsize=1),
+        xfrm_netlink.new_policy_message("10.9.0.1", "10.9.0.2", "out", 0xD00, 0xF00, reqid=7,
+                                        mode="iptfs"),
+    ]
+    found = []
+    for message in messages:
+        for msg in parse(message):
+            change = change_from(msg, NETNS, 0, KeyPolicy())
+            assert change is not None
+            db.apply(change)
+            found.append(change)
+    sa, policy = found[0].sa, found[1].policy
+    assert (sa.src, sa.dst, sa.spi, sa.proto, sa.mode, sa.reqid, sa.direction) == (
+        "10.9.0.1", "10.9.0.2", 0x1000, "esp", "iptfs", 7, "out")
+    assert (sa.mark, sa.mark_mask, sa.iptfs_max_qsize) == (0xD00, 0xF00, 1)
+    assert [(a.name, a.key_bits, a.icv_bits) for a in sa.algorithms] == [
+        ("rfc4106(gcm(aes))", 160, 128)]
+    assert (policy.direction, policy.action, policy.mark, policy.mark_mask) == (
+        "out", "allow", 0xD00, 0xF00)
+    assert (policy.selector.src, policy.selector.dst) == ("10.9.0.1", "10.9.0.2")
+    (tmpl,) = policy.templates
+    assert (tmpl.src, tmpl.dst, tmpl.proto, tmpl.mode, tmpl.reqid) == (
+        "10.9.0.1", "10.9.0.2", "esp", "iptfs", 7)
+    event = XfrmErrorEvent(counter="XfrmOutNoQueueSpace", netns=NETNS, context="skb",
+                           family="ipv4", src="10.9.0.1", dst="10.9.0.2", proto="icmp",
+                           mark=0xD00)
+    assert explain(event, db).summary == (
+        "SA spi 0x1000 (mode iptfs) has a full send queue (at most 1 octets, "
+        "XFRMA_IPTFS_MAX_QSIZE): packets arrive faster than the SA sends them")

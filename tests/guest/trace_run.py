@@ -26,7 +26,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from tests.guest import scenarios
 from vmlab.guest import ipsec
@@ -58,12 +58,15 @@ def late_module_phase(tool: Tool) -> Dict[str, Any]:
     return record
 
 
-def run_scenarios(names: List[str], count: int) -> tuple[Dict[str, Any], list]:
+def run_scenarios(names: List[str], count: int,
+                  module_attached: Optional[Callable[[str], Optional[float]]] = None
+                  ) -> tuple[Dict[str, Any], list]:
+    """Every scenario in its own namespaces; ``module_attached``: see scenarios.Context."""
     counters = set(ipsec.parse_xfrm_stat(Path("/proc/net/xfrm_stat").read_text()))
     records: Dict[str, Any] = {}
     contexts = []
     for n, name in enumerate(names):
-        ctx = scenarios.Context(f"s{n}", count)
+        ctx = scenarios.Context(f"s{n}", count, module_attached)
         contexts.append((name, ctx))
         records[name] = scenarios.run_one(scenarios.SCENARIOS[name], ctx, counters)
     time.sleep(1.0)
@@ -109,7 +112,8 @@ def run(out: Path, names: List[str], count: int, extra: List[str], output: str =
             results["late_module"] = late_module_phase(tool)
         if ready:
             t0 = time.monotonic()
-            results["scenarios"], contexts = run_scenarios(names, count)
+            results["scenarios"], contexts = run_scenarios(
+                names, count, lambda module: tool.wait_for_status(f"Module {module} loaded"))
             results["scenario_seconds"] = round(time.monotonic() - t0, 1)
             results["metrics"] = scrape_metrics()
             results["kprobes_while_tracing"] = kprobes()

@@ -108,16 +108,20 @@ class SA:
     packet_limit: Optional[int] = None  # hard lifetime in packets
     oseq: Optional[int] = None  # starting output sequence number
     dir: Optional[str] = None  # "in" or "out" (Linux 6.10+): installed over raw netlink
+    # mode "iptfs" (Linux 6.14+, needs dir): installed over raw netlink; for an out SA, the
+    # octets that may wait in its send queue (XFRMA_IPTFS_MAX_QSIZE)
+    iptfs_max_qsize: Optional[int] = None
 
     def install(self, mark: int, mask: int) -> None:
-        if self.dir is None:
+        if self.dir is None and self.mode != "iptfs":
             run(self.add_argv(mark, mask))
             return
         message = xfrm_netlink.new_sa_message(self.src, self.dst, self.spi, AEAD_ALGO,
                                               self.key, 128, mark, mask, self.dir,
-                                              reqid=self.reqid, mode=self.mode)
+                                              reqid=self.reqid, mode=self.mode,
+                                              iptfs_max_qsize=self.iptfs_max_qsize)
         try:
-            xfrm_netlink.add_sa(self.ns, message)
+            xfrm_netlink.send(self.ns, message)
         except OSError as err:
             raise LabError(f"netlink NEWSA {self} -> {err}") from err
 
@@ -151,6 +155,18 @@ class Policy:
     mode: str = "tunnel"
     reqid: int = 1
     action: str = "allow"  # "block" drops matching traffic (no template then)
+
+    def install(self, mark: int, mask: int) -> None:
+        if self.mode != "iptfs":
+            run(self.add_argv(mark, mask))
+            return
+        # iproute2 6.1 knows no template mode iptfs.
+        message = xfrm_netlink.new_policy_message(self.src, self.dst, self.dir, mark, mask,
+                                                  reqid=self.reqid, mode=self.mode)
+        try:
+            xfrm_netlink.send(self.ns, message)
+        except OSError as err:
+            raise LabError(f"netlink NEWPOLICY {self} -> {err}") from err
 
     def add_argv(self, mark: int, mask: int) -> List[str]:
         """``ip xfrm policy add`` for this policy (tunnel endpoints = selector addresses)."""
@@ -255,7 +271,7 @@ class Lab:
         for sa in self.sas() if sas is None else sas:
             sa.install(self.cfg.mark, self.cfg.mask)
         for pol in self.policies() if policies is None else policies:
-            run(pol.add_argv(self.cfg.mark, self.cfg.mask))
+            pol.install(self.cfg.mark, self.cfg.mask)
 
     def create_network(self) -> None:
         """Namespaces, veth pair, addresses, mark-reflection sysctls and the inbound marking."""

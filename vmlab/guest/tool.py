@@ -23,7 +23,7 @@ METRICS_ADDR = "127.0.0.1:9477"
 MODULE_TIMEOUT = 120.0
 KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
 # Modules with counter sites on Debian kernels (see `xfrmtrace sites`).
-SITE_MODULES = ("esp4", "esp6", "xfrm_interface", "ip_vti", "ip6_vti")
+SITE_MODULES = ("esp4", "esp6", "xfrm_interface", "ip_vti", "ip6_vti", "xfrm_iptfs")
 
 
 def fast_capstone_env() -> Dict[str, str]:

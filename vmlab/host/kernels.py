@@ -124,7 +124,7 @@ def _version_key(release: str) -> Tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Serialise fetches that share a cache (parallel test workers, two terminals)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fd:
@@ -254,12 +254,13 @@ def _find_modules(root: Path, version: str) -> Path:
     raise KernelFetchError(f"no modules for {version} under {root}")
 
 
-def _depmod(modules_dir: Path, version: str) -> None:
+def depmod(modules_dir: Path, version: str, again: bool = False) -> None:
     """Generate modules.dep: Debian packages leave that to postinst, and modprobe needs it.
 
+    ``again``: regenerate it (a module was added, vmlab/host/extramodules.py).
     ``depmod -b BASE`` reads ``BASE/lib/modules/<version>``, so BASE is two levels up.
     """
-    if (modules_dir / "modules.dep").is_file():
+    if (modules_dir / "modules.dep").is_file() and not again:
         return
     depmod = shutil.which("depmod") or "/usr/sbin/depmod"
     subprocess.run([depmod, "-a", "-b", str(modules_dir.parents[2]), version], check=True)
@@ -354,7 +355,7 @@ def _install(series: Series, index: _SuiteIndex, version: str, image_pkg: str,
         # Paths are recorded relative to the final location, so resolve after the rename.
         vmlinuz = _find_image(tree, version).relative_to(tree)
         modules = _find_modules(tree, version).relative_to(tree)
-        _depmod(tree / modules, version)
+        depmod(tree / modules, version)
         if final.exists():  # an incomplete earlier attempt (no kernel.json)
             shutil.rmtree(final)
         tree.rename(final)
@@ -386,7 +387,7 @@ def fetch_kernel(series: str) -> Kernel:
             from None
     root = cache_dir()
     (root / "kernels").mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         index = _SuiteIndex(spec.suite, root)
         fresh = index.refresh()
         kernel: Optional[Kernel] = None

@@ -307,6 +307,13 @@ def _out_seq(sa: SA, event: XfrmErrorEvent) -> str:
             f"{', ESN' if sa.esn else ', no ESN'}): it must be rekeyed")
 
 
+def _queue_full(sa: SA, event: XfrmErrorEvent) -> str:
+    limit = (f"at most {sa.iptfs_max_qsize} octets" if sa.iptfs_max_qsize is not None
+             else "a limit not known here")
+    return (f"SA spi {sa.spi:#x} (mode {sa.mode}) has a full send queue ({limit}, "
+            "XFRMA_IPTFS_MAX_QSIZE): packets arrive faster than the SA sends them")
+
+
 def _hdr_error(event: XfrmErrorEvent, db: XfrmDatabase, state: NamespaceState) -> Explanation:
     size = f"{event.packet_len} bytes" if event.packet_len is not None else "unknown size"
     return Explanation(f"the packet's {(event.proto or 'IPsec').upper()} header could not be "
@@ -330,6 +337,7 @@ EXPLAINERS: dict[str, Callable[..., Explanation]] = {
     "XfrmOutStateExpired": _out_state(_lifetime),
     "XfrmOutStateSeqError": _out_state(_out_seq),
     "XfrmOutStateDirError": _out_state(_direction),
+    "XfrmOutNoQueueSpace": _out_state(_queue_full),
 }
 
 

@@ -169,6 +169,13 @@ class xfrm_attrs(nlmsg):
         ("XFRMA_SA_DIR", "uint8"),
         ("XFRMA_NAT_KEEPALIVE_INTERVAL", "uint32"),
         ("XFRMA_SA_PCPU", "uint32"),
+        # IP-TFS SA options (Linux 6.14, "xfrm: netlink: add config (netlink) options")
+        ("XFRMA_IPTFS_DROP_TIME", "uint32"),
+        ("XFRMA_IPTFS_REORDER_WINDOW", "uint16"),
+        ("XFRMA_IPTFS_DONT_FRAG", "flag"),
+        ("XFRMA_IPTFS_INIT_DELAY", "uint32"),
+        ("XFRMA_IPTFS_MAX_QSIZE", "uint32"),
+        ("XFRMA_IPTFS_PKT_SIZE", "uint32"),
     )
 
     class xfrm_algo(nla):

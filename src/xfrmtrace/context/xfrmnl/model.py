@@ -152,6 +152,7 @@ class SA:
     integrity_failed: int = 0
     seq: int = 0  # inbound: highest sequence number seen
     oseq: int = 0  # outbound: last sequence number sent
+    iptfs_max_qsize: Optional[int] = None  # mode iptfs, out: octets its send queue may hold
 
     @property
     def key(self) -> tuple[Optional[str], int, str, int, int]:
@@ -322,6 +323,8 @@ def sa_from(info: Any, attrs: dict[str, Any], keys: KeyPolicy = REDACT) -> SA:
         integrity_failed=info["stats_integrity_failed"],
         seq=replay["seq"] if replay is not None else 0,
         oseq=replay["oseq"] if replay is not None else 0,
+        iptfs_max_qsize=(_value(attrs["XFRMA_IPTFS_MAX_QSIZE"])
+                         if "XFRMA_IPTFS_MAX_QSIZE" in attrs else None),
     )
 
 
