@@ -29,6 +29,7 @@ from xfrmtrace.decode.events import (
 )
 from xfrmtrace.decode.packet import PacketInfo
 from xfrmtrace.errors import DecodeError, XfrmtraceError
+from xfrmtrace.kernel import counters
 
 
 def ipv4_bytes(text: str) -> List[int]:
@@ -191,6 +192,22 @@ def test_unregistered_site_falls_back_to_symbols_and_counter_names() -> None:
     assert (event.object, event.function, event.offset) == ("esp4", "esp_input", 0xF2A)
     assert event.counter == "XfrmOutNoStates"
     assert event.site_label == "esp_input+0xf2a [esp4]"
+
+
+def test_counter_names_are_spelled_as_proc_spells_them() -> None:
+    """Linux 7.2's enum (BTF) as the kernel numbers it: every name as /proc/net/xfrm_stat
+    shows it, even the one whose enumerator is spelled otherwise (LINUX_MIB_XFRMOUTNOQSPACE
+    is "XfrmOutNoQueueSpace"), with or without /proc at hand."""
+    enum = {"LINUX_MIB_XFRMNUM": 0, "__LINUX_MIB_XFRMMAX": len(counters.KNOWN_NAMES) + 1}
+    enum.update({"LINUX_MIB_" + name.upper(): n
+                 for n, name in enumerate(counters.KNOWN_NAMES, start=1)})
+    enum["LINUX_MIB_XFRMOUTNOQSPACE"] = enum.pop("LINUX_MIB_XFRMOUTNOQUEUESPACE")
+    expected = dict(enumerate(counters.KNOWN_NAMES, start=1))
+    assert counters.counter_names(enum) == expected
+    assert counters.counter_names(enum, proc_names=counters.KNOWN_NAMES) == expected
+    # A counter no list knows yet is spelled from its words.
+    assert counters.counter_names({"LINUX_MIB_XFRMOUTPOLMODEERROR": 40}) == {
+        40: "XfrmOutPolModeError"}
 
 
 def test_site_id_with_other_address_is_not_trusted() -> None:

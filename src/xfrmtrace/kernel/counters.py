@@ -30,6 +30,11 @@ KNOWN_NAMES = (
     "XfrmInIptfsError", "XfrmOutNoQueueSpace",
 )
 
+# Enumerators /proc does not spell after their own name (net/xfrm/xfrm_proc.c,
+# xfrm_mib_list: SNMP_MIB_ITEM("XfrmOutNoQueueSpace", LINUX_MIB_XFRMOUTNOQSPACE), Linux 6.14).
+# Found by the lab's IP-TFS scenario: spelled from the enumerator it read "XfrmOutNoQspace".
+ENUM_SPELLINGS = {"XFRMOUTNOQSPACE": "XfrmOutNoQueueSpace"}
+
 # Words that make up counter names, longest first, to spell unknown future ones.
 _WORDS = sorted(
     {w for name in KNOWN_NAMES for w in re.findall(r"[A-Z][a-z]*", name)}, key=len, reverse=True
@@ -58,7 +63,7 @@ def counter_names(enum: dict[str, int], proc_names: Iterable[str] = ()) -> dict[
         if enumerator.startswith("__") or enumerator.endswith("_MAX"):
             continue
         key = "XFRM" + enumerator[len(ENUM_PREFIX):]
-        names[value] = spelled.get(key) or _spell(key)
+        names[value] = ENUM_SPELLINGS.get(key) or spelled.get(key) or _spell(key)
     return names
 
 
