@@ -159,7 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rwdir = args.workdir / "vm"
     shutil.rmtree(rwdir, ignore_errors=True)
     rwdir.mkdir(parents=True)
-    own = str(rwdir)
+    # Every VM of ours has its rwdir under the workdir (this one, and the healthy-path boots
+    # per kernel): only a qemu outside it is someone else's.
+    own = str(args.workdir)
     waited = wait_idle(own, args.wait_idle)
     kernel = kernels.fetch_kernel(args.kernel)
     log(f"kernel {kernel.version}; guest phases {args.phases}")
