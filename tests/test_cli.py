@@ -173,7 +173,7 @@ def _input_case(name: str, d: Path) -> tuple[list, list[str]]:
         "sites --vmlinux: directory": (["sites", "--vmlinux", d, "--kallsyms", d],
                                        ["cannot read", "Is a directory"]),
         "sites --vmlinux: junk": (["sites", "--vmlinux", d / "junk", "--kallsyms",
-                                   d / "kallsyms"], ["has no .BTF section"]),
+                                   d / "kallsyms"], ["is not an ELF file"]),
         "sites: junk BTF": (["sites", "--vmlinux", "ELF", "--kallsyms", d / "kallsyms"],
                             ["cannot read BTF from"]),
         "sites --kallsyms: missing": (["sites", "--vmlinux", "ELF", "--kallsyms", missing],
@@ -294,3 +294,37 @@ def test_unknown_filter_counter_is_one_line_naming_the_known_ones() -> None:
         _counter_filter("XfrmInNoStates,XfrmInBogus", counters)
     assert str(err.value) == ("unknown counter 'XfrmInBogus'; this kernel has: XfrmInError, "
                               "XfrmInNoStates")
+
+
+# ---- architectures -------------------------------------------------------------------------
+
+def _as_machine(machine: str, *args: str) -> subprocess.CompletedProcess:
+    """The tool with ``os.uname().machine`` reporting ``machine``."""
+    code = ("import os, sys; real = os.uname(); "
+            "os.uname = lambda: os.uname_result((*real[:4], sys.argv[1])); "
+            "from xfrmtrace.cli import main; sys.exit(main(sys.argv[2:]))")
+    return subprocess.run([sys.executable, "-c", code, machine, *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("machine, needles", [
+    ("aarch64", ("tracing on aarch64 is not supported yet", "xfrmtrace sites")),
+    ("riscv64", ("unsupported architecture riscv64", "x86-64 and arm64")),
+])
+def test_trace_on_a_machine_it_cannot_trace_gives_one_line(machine: str, needles) -> None:
+    proc = _as_machine(machine, "trace")
+    assert_one_line_error(proc, *needles)
+    assert proc.stdout == ""
+
+
+def test_live_sites_on_an_unknown_machine_gives_one_line() -> None:
+    assert_one_line_error(_as_machine("riscv64", "sites"), "unsupported architecture riscv64")
+
+
+def test_vmlinux_of_another_architecture_gives_one_line(tmp_path: Path) -> None:
+    riscv = tmp_path / "vmlinux"
+    # ELF64, little-endian, version 1, ET_EXEC, e_machine 243 (EM_RISCV)
+    riscv.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + (2).to_bytes(2, "little")
+                      + (243).to_bytes(2, "little") + bytes(44))
+    proc = run_tool("sites", "--vmlinux", str(riscv), "--kallsyms", str(riscv))
+    assert_one_line_error(proc, "unsupported architecture", "ELF machine 243")

@@ -278,7 +278,7 @@ def live(asm, monkeypatch):
     a = asm(CACHED_TEXT)
     monkeypatch.setattr(discovery, "kernel_build_id", lambda: BUILD_ID)
     return SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read), live=True,
-                           model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS,
+                           machine="x86_64", model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS,
                                                   btf=PROTOTYPES))
 
 

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--kallsyms", type=Path, metavar="FILE",
                        help="kallsyms of a running instance of that kernel (offline)")
     sites.add_argument("--audit", action="store_true",
-                       help="list every gs-relative increment with how it was classified")
+                       help="list every per-CPU increment (x86-64: gs-relative; arm64: "
+                            "atomic add) with how it was classified")
 
     report = sub.add_parser("report", help="summarise saved JSON logs, across nodes",
                             description="Read logs written by `xfrmtrace --output json` (files, "

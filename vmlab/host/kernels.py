@@ -65,6 +65,7 @@ class Series:
     name: str
     suite: str
     pattern: str
+    arch: str = "amd64"  # Debian architecture
 
     def match(self, package: str) -> Optional[str]:
         """Return the kernel release if ``package`` is an image package of this series."""
@@ -82,6 +83,10 @@ SERIES = {
         # loudly once sid has moved past it.
         Series("sid", "sid", r"linux-image-(?P<v>\d+\.\d+(?:\.\d+)?(?:-\d+)?(?:\+deb\d+)?-amd64)"),
         Series("7", "sid", r"linux-image-(?P<v>7\.\d+(?:\.\d+)?(?:-\d+)?(?:\+deb\d+)?-amd64)"),
+        # arm64: the resolver's tests read its code offline (fetch_debug_vmlinux); not
+        # booted in the matrix yet.
+        Series("arm64-6.12", "trixie", r"linux-image-(?P<v>6\.12\.\d+\+deb13-arm64)",
+               arch="arm64"),
     )
 }
 
@@ -138,9 +143,10 @@ def locked(path: Path) -> Iterator[None]:
 class _SuiteIndex:
     """A private apt configuration for one Debian suite (sources list, index, apt cache)."""
 
-    def __init__(self, suite: str, root: Path) -> None:
+    def __init__(self, suite: str, root: Path, arch: str = "amd64") -> None:
         self.suite = suite
-        self.root = root / "apt" / suite
+        self.arch = arch
+        self.root = root / "apt" / (suite if arch == "amd64" else f"{suite}-{arch}")
         self.lists = self.root / "lists"
         self.stamp = self.root / "updated"
         self.sources = self.root / "sources.list"
@@ -154,6 +160,8 @@ class _SuiteIndex:
             "-o", "Dir::Etc::PreferencesParts=/dev/null",
             "-o", f"Dir::State::Lists={self.lists}",
             "-o", f"Dir::Cache={self.root / 'cache'}",
+            # Another architecture's packages as if native: no ":arm64" suffixes.
+            "-o", f"APT::Architecture={self.arch}", "-o", f"APT::Architectures={self.arch}",
         ]
         if os.geteuid() == 0:
             # As root apt drops to the _apt user, who cannot write into our cache or the
@@ -164,7 +172,7 @@ class _SuiteIndex:
     def _prepare(self) -> None:
         mirror = os.environ.get("XFRMTRACE_LAB_MIRROR", DEFAULT_MIRROR).rstrip("/")
         if ARCHIVE_KEYRING.is_file():
-            options = f"arch=amd64 signed-by={ARCHIVE_KEYRING}"
+            options = f"arch={self.arch} signed-by={ARCHIVE_KEYRING}"
         else:  # pragma: no cover - debian-archive-keyring is Priority: important
             raise KernelFetchError(f"{ARCHIVE_KEYRING} missing: install debian-archive-keyring")
         (self.lists / "partial").mkdir(parents=True, exist_ok=True)
@@ -410,6 +418,83 @@ def fetch_kernel(series: str) -> Kernel:
                 _log(f"package index unavailable, using cached {kernel.version}")
         _link_host_modules(kernel)
         return kernel
+
+
+@dataclass(frozen=True)
+class DebugKernel:
+    """A kernel's uncompressed vmlinux (symbols, .BTF) and System.map, from its -dbg
+    package: what ``xfrmtrace sites --vmlinux F --kallsyms F`` reads offline."""
+
+    series: str
+    version: str
+    vmlinux: Path
+    system_map: Path
+    package_version: str = ""
+
+
+def fetch_debug_vmlinux(series: str) -> DebugKernel:
+    """The newest ``series`` kernel's vmlinux and System.map (``linux-image-<v>-dbg``, about
+    1 GB; only those two files are kept, in ``debug/<v>`` of the lab cache)."""
+    try:
+        spec = SERIES[series]
+    except KeyError:
+        raise KernelFetchError(f"unknown kernel series {series!r} (known: {', '.join(SERIES)})") \
+            from None
+    root = cache_dir()
+    (root / "debug").mkdir(parents=True, exist_ok=True)
+    with locked(root / ".lock"):
+        index = _SuiteIndex(spec.suite, root, spec.arch)
+        index.refresh()
+        cached = sorted((p for p in (root / "debug").glob("*/debug.json")),
+                        key=lambda p: _version_key(p.parent.name))
+        if index.has_index():
+            version, image_pkg = _resolve(spec, index)
+            final = root / "debug" / version
+            if not (final / "debug.json").is_file():
+                if _offline():
+                    raise KernelFetchError(f"{version} debug vmlinux not cached (offline)")
+                _install_debug(index, version, f"{image_pkg}-dbg", final)
+        else:
+            matching = [p for p in cached if spec.match(f"linux-image-{p.parent.name}")]
+            if not matching:
+                raise KernelFetchError(f"no {series} debug vmlinux cached in {root} and no "
+                                       "package index to fetch one")
+            final = matching[-1].parent
+        meta = json.loads((final / "debug.json").read_text())
+        return DebugKernel(series, meta["version"], final / "vmlinux",
+                           final / "System.map", meta.get("package_version", ""))
+
+
+def _install_debug(index: _SuiteIndex, version: str, package: str, final: Path) -> None:
+    fields = index.show(package)
+    with tempfile.TemporaryDirectory(prefix=f".{version}.", dir=final.parent) as tmp:
+        debs, tree = Path(tmp) / "debs", Path(tmp) / "tree"
+        debs.mkdir()
+        tree.mkdir()
+        _log(f"downloading {package} ({fields.get('Version', '?')})")
+        index.download([package], debs)
+        (deb,) = debs.glob("*.deb")
+        wanted = [f"./usr/lib/debug/boot/vmlinux-{version}",
+                  f"./usr/lib/debug/boot/System.map-{version}"]
+        # Only the two files: the package unpacks to several GB of module debug info.
+        unpack = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                  stdout=subprocess.PIPE)
+        # --occurrence: stop once both are out (they come first), not at the archive's end.
+        subprocess.run(["tar", "-x", "--occurrence=1", "-C", str(tree), *wanted],
+                       stdin=unpack.stdout, check=True)
+        assert unpack.stdout is not None
+        unpack.stdout.close()
+        unpack.wait()
+        boot = tree / "usr/lib/debug/boot"
+        (boot / f"vmlinux-{version}").rename(tree / "vmlinux")
+        (boot / f"System.map-{version}").rename(tree / "System.map")
+        shutil.rmtree(tree / "usr")
+        meta = {"version": version, "package": package,
+                "package_version": fields.get("Version", "")}
+        (tree / "debug.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tree.rename(final)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -360,7 +360,12 @@ def _parse_lines(lines: Iterable[str], source: str, symbols: SymbolColumns,
     for line in lines:
         parts = line.split()
         if len(parts) < 3 or parts[1] not in ("t", "T"):
-            if data is not None and len(parts) == 3 and parts[2] in DATA_SYMBOLS:
+            if len(parts) == 3 and parts[2] == "_etext":  # arm64 types it D (data)
+                try:
+                    etext = int(parts[0], 16)
+                except ValueError:
+                    pass
+            elif data is not None and len(parts) == 3 and parts[2] in DATA_SYMBOLS:
                 try:
                     data[parts[2]] = int(parts[0], 16)
                 except ValueError:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
 from elftools.common.exceptions import ELFError
+from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
 from xfrmtrace.errors import InputError, KernelFeatureMissing, PermissionProblem
+from xfrmtrace.kernel import arch
 
 PROC_KCORE = Path("/proc/kcore")
 
@@ -95,15 +97,33 @@ def open_vmlinux(path: Union[str, Path], run_time_text: Optional[int] = None) ->
     slide = 0
     if run_time_text is not None:
         try:
-            text = ELFFile(stream).get_section_by_name(".text")
+            elf = ELFFile(stream)
+            # _text is where the first code section starts: .text on x86-64, .head.text
+            # on arm64 (.text begins at _stext there).
+            executable = SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR
+            code = [s["sh_addr"] for s in elf.iter_sections()
+                    if s["sh_flags"] & executable == executable]
+            has_text = elf.get_section_by_name(".text") is not None
         except (ELFError, OSError, ValueError) as err:
             stream.close()
             raise InputError(f"{path} is not a readable ELF file: {err}") from err
-        if text is None:
+        if not has_text or not code:
             stream.close()
             raise InputError(f"{path} has no .text section: is it an uncompressed vmlinux?")
-        slide = run_time_text - text["sh_addr"]
+        slide = run_time_text - min(code)
     return TextReader(stream, str(path), slide)
+
+
+def vmlinux_machine(path: Union[str, Path]) -> str:
+    """The machine a vmlinux file is for (``x86_64``, ``aarch64``); InputError if it cannot
+    be read, KernelFeatureMissing for one the resolver does not read."""
+    try:
+        with open(path, "rb") as stream:
+            machine = arch.elf_machine(stream, str(path))
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from err
+    arch.require_resolvable(machine)
+    return machine
 
 
 def vmlinux_has_btf(path: Union[str, Path]) -> bool:

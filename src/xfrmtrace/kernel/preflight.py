@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from xfrmtrace.errors import KernelFeatureMissing, PermissionProblem
+from xfrmtrace.kernel import arch
 
 CAP_SYS_ADMIN = 21
 CAP_SYS_RAWIO = 17
@@ -82,6 +83,7 @@ def check_xfrm_statistics() -> None:
 
 def check_tracing() -> None:
     """Everything ``xfrmtrace trace`` needs, most fundamental first."""
+    arch.require_traceable(arch.running_machine())
     check_privileges()
     check_kprobes()
     check_btf()

@@ -14,9 +14,16 @@ from typing import Optional, Union
 
 from xfrmtrace.bpf.btf import Btf
 from xfrmtrace.errors import BtfLookupError, InputError, KernelFeatureMissing
+from xfrmtrace.kernel import arch
 from xfrmtrace.kernel import counters as counters_mod
 from xfrmtrace.kernel.kallsyms import Kallsyms
-from xfrmtrace.kernel.ktext import TextReader, open_kcore, open_vmlinux, vmlinux_has_btf
+from xfrmtrace.kernel.ktext import (
+    TextReader,
+    open_kcore,
+    open_vmlinux,
+    vmlinux_has_btf,
+    vmlinux_machine,
+)
 
 log = logging.getLogger("xfrmtrace.kernel")
 
@@ -61,6 +68,7 @@ class KernelView:
     model: KernelModel
     live: bool
     source: str
+    machine: str = arch.X86_64  # ``uname -m`` spelling: whose instructions the text holds
 
     def close(self) -> None:
         self.text.close()
@@ -74,6 +82,8 @@ def open_live(host_proc: Path = HOST_PROC) -> KernelView:
     /proc/kcore, the host's /proc mounted elsewhere (``--host-proc``).
     """
     started = time.monotonic()
+    machine = arch.running_machine()
+    arch.require_resolvable(machine)
     btf = Btf.vmlinux()
     try:
         model = kernel_model(btf, counters_mod.read_proc_names())
@@ -83,11 +93,12 @@ def open_live(host_proc: Path = HOST_PROC) -> KernelView:
         btf.close()
         raise
     log.info("kernel BTF, kallsyms and kcore opened (%.2fs)", time.monotonic() - started)
-    return KernelView(syms, text, model, live=True, source="running kernel")
+    return KernelView(syms, text, model, live=True, source="running kernel", machine=machine)
 
 
 def open_offline(vmlinux: Union[str, Path], kallsyms: Union[str, Path]) -> KernelView:
     """A vmlinux file plus the kallsyms of a running instance of the same build."""
+    machine = vmlinux_machine(vmlinux)
     if not vmlinux_has_btf(vmlinux):
         raise InputError(f"{vmlinux} has no .BTF section: give the uncompressed vmlinux of a "
                          "kernel built with CONFIG_DEBUG_INFO_BTF")
@@ -105,7 +116,7 @@ def open_offline(vmlinux: Union[str, Path], kallsyms: Union[str, Path]) -> Kerne
         text.close()
         btf.close()
         raise
-    return KernelView(syms, text, model, live=False, source=str(vmlinux))
+    return KernelView(syms, text, model, live=False, source=str(vmlinux), machine=machine)
 
 
 _BANNER = b"Linux version "

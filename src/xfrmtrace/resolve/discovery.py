@@ -65,18 +65,7 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
             how = "from cache"
             if part is None:
                 if resolver is None:
-                    # deferred: start-up (a warm start, all from the cache, loads no
-                    # disassembler: capstone)
-                    from xfrmtrace.resolve.sites import SiteResolver
-
-                    # Only vmlinux's functions use the table: a module loaded while tracing
-                    # does not read and parse it again.
-                    labels = (jumplabels.read_table(view.syms.jump_table_range(),
-                                                    view.text.read,
-                                                    view.syms.core_text_range())
-                              if VMLINUX in names else None)
-                    resolver = SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                                            view.model.counters, roles.needs, labels)
+                    resolver = _resolver(view, roles, VMLINUX in names)
                 part = resolver.resolve([obj])
                 how = "resolved"
                 if cache and build_id:
@@ -89,6 +78,25 @@ def resolve_sites(view: KernelView, objects: Optional[list[str]] = None,
         roles.close()
     result.sites.sort(key=lambda s: s.address)
     return result
+
+
+def _resolver(view: KernelView, roles: ArgumentRoles, with_vmlinux: bool):  # -> CounterScan
+    """The site resolver for the view's instruction set."""
+    # deferred: start-up (a warm start, all from the cache, loads no disassembler: capstone)
+    from xfrmtrace.kernel import arch
+    from xfrmtrace.resolve.arm64_sites import Arm64SiteResolver
+    from xfrmtrace.resolve.sites import SiteResolver
+
+    # Only vmlinux's functions use the table: a module loaded while tracing does not read
+    # and parse it again.
+    labels = (jumplabels.read_table(view.syms.jump_table_range(), view.text.read,
+                                    view.syms.core_text_range())
+              if with_vmlinux else None)
+    if view.machine == arch.ARM64:
+        return Arm64SiteResolver(view.text.read, view.syms, view.model.mib_offset,
+                                 view.model.counters, labels)
+    return SiteResolver(view.text.read, view.syms, view.model.mib_offset,
+                        view.model.counters, roles.needs, labels)
 
 
 def _build_id(view: KernelView, obj: str) -> Optional[str]:

@@ -18,6 +18,14 @@ ARG_ROLES: tuple[XtArgRole, ...] = tuple(r for r in XtArgRole if r is not XtArgR
 ROLE_BYTES: dict[XtArgRole, int] = {XtArgRole.FAMILY: 2}
 POINTER_BYTES = 8
 
+#: Kernel functions that never return (a subset of objtool's list, tools/objtool/
+#: noreturns.h, those XFRM code calls): the instruction after a call to one is not reached
+#: from the call.  Without this, ``call __stack_chk_fail`` (``bl`` on arm64) appears to fall
+#: through into the next block, a path that never runs.
+NORETURN_FUNCTIONS = ("__stack_chk_fail", "__fortify_panic", "fortify_panic", "panic",
+                      "vpanic", "do_exit", "make_task_dead", "usercopy_abort",
+                      "__ubsan_handle_builtin_unreachable")
+
 
 def in_registers(registers: tuple[Optional[str], ...], slots: Iterable[int]) -> bool:
     """True when ``registers`` (argument slot -> register) names a register for every slot."""
@@ -60,6 +68,9 @@ class Site:
     # Where entry_function's other arguments are recorded (every path to the site passes
     # one of them); () when the site reads none from a recorded frame.
     records: tuple[RecordPoint, ...] = ()
+    # Bytes mib_reg holds above net->mib.xfrm_statistics at the probe: arm64 adds the
+    # counter's offset before its atomic, x86 keeps it in the instruction's displacement.
+    mib_bias: int = 0
 
     def holds(self, slots: Iterable[int]) -> bool:
         """True when the site finds every argument in ``slots`` itself (register or stack),

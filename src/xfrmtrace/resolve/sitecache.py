@@ -23,7 +23,7 @@ from xfrmtrace.resolve.x86_registers import GPR64
 
 log = logging.getLogger("xfrmtrace.resolve.sitecache")
 
-FORMAT = 5  # bump when Site/AuditEntry or the resolver's rules change
+FORMAT = 6  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
 
 

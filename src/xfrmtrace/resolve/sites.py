@@ -28,6 +28,7 @@ from xfrmtrace.kernel.kallsyms import VMLINUX, Function, Kallsyms
 from xfrmtrace.resolve.argregs import plan_arguments
 from xfrmtrace.resolve.model import (
     DOUBTFUL,
+    NORETURN_FUNCTIONS,
     OTHER,
     POINTER_BYTES,
     XFRM,
@@ -36,7 +37,6 @@ from xfrmtrace.resolve.model import (
     Site,
 )
 from xfrmtrace.resolve.x86_code import (
-    NORETURN_FUNCTIONS,
     FunctionCode,
     mem_operand,
     reaching_definitions,
@@ -56,31 +56,25 @@ ReadText = Callable[[int, int], bytes]
 Needs = Union[Mapping[int, int], frozenset[int]]
 
 
-class SiteResolver:
-    """Classifies gs-relative increments of kernel and module text."""
+class CounterScan:
+    """What the resolvers of both instruction sets share: candidates from a byte pattern
+    over the text, grouped by function (with its ``.cold`` parts), and audit entries.
+
+    A subclass sets ``_candidate`` (a regex whose matches start at candidate instructions),
+    ``_alignment`` (bytes: where instructions may start) and implements
+    ``_classify_function`` and ``_disassemble_one``."""
+
+    _candidate: re.Pattern[bytes]
+    _alignment = 1
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
-                 counters: dict[int, str],
-                 needed_slots: Optional[Callable[[str, str], Needs]] = None,
-                 jump_labels: Optional[Mapping[int, int]] = None) -> None:
-        """``needed_slots(function, object)``: the argument positions events of that
-        function's sites read (from BTF), each with the bytes of it they use (a plain set:
-        whole pointers); without it, arguments are recorded at entry.
-        ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
+                 counters: dict[int, str]) -> None:
         self._read = read
-        self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
         self._syms = syms
-        self._needed_slots = needed_slots
         self._mib_offset = mib_offset
-        self._mib_bytes = [mib_offset.to_bytes(4, "little")]
-        if mib_offset < 0x80:
-            self._mib_bytes.append(bytes([mib_offset]))
         self._counters = counters
         self._noreturn = frozenset(address for address in map(syms.address, NORETURN_FUNCTIONS)
                                    if address is not None)
-        self._lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self._detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self._detail.detail = True
 
     def resolve(self, objects: Optional[Iterable[str]] = None) -> Resolution:
         """Sites in ``objects`` (default: vmlinux and every loaded module)."""
@@ -92,15 +86,24 @@ class SiteResolver:
         result.audit.sort(key=lambda a: a.address)
         return result
 
+    def _classify_function(self, parent: str, addrs: list[int], result: Resolution) -> None:
+        raise NotImplementedError
+
+    def _disassemble_one(self, data: bytes, addr: int) -> str:
+        """``mnemonic operands`` of the instruction at the start of ``data``."""
+        raise NotImplementedError
+
     # candidates
     def _candidates(self, obj: str) -> dict[str, list[int]]:
         """Group parent name -> candidate addresses, for one object."""
         groups: dict[str, list[int]] = {}
         for start, data, limit in self._text_regions(obj):
-            for match in _GS_INCREMENT.finditer(data):
+            for match in self._candidate.finditer(data):
                 if match.start() >= limit:
                     break  # in the overlap: the next region finds it
                 addr = start + match.start()
+                if addr % self._alignment:
+                    continue
                 func = self._syms.lookup(addr)
                 if func is None or func.object != obj:
                     continue
@@ -127,6 +130,61 @@ class SiteResolver:
             step = min(_SCAN_CHUNK, len(data))
             yield addr, data, step
             addr += step
+
+    def _group_parts(self, parent: str, obj: str, fallback: Function) -> list[Function]:
+        """The function and its compiler-split ``.cold`` parts, entry first."""
+        main = self._syms.find(parent, obj)
+        parts = [main] if main is not None else []
+        for suffix in (".cold", *(f".cold.{n}" for n in range(1, 8))):
+            cold = self._syms.find(parent + suffix, obj)
+            if cold is not None:
+                parts.append(cold)
+        if fallback not in parts:
+            parts.append(fallback)
+        return parts
+
+    def _entry(self, addr: int, classification: str, reason: str,
+               counter: Optional[str] = None) -> AuditEntry:
+        func = self._syms.lookup(addr)
+        data = self._read(addr, 16)
+        return AuditEntry(
+            object=func.object if func else "?",
+            function=func.name if func else "?",
+            offset=addr - func.start if func else 0,
+            address=addr,
+            instruction=self._disassemble_one(data, addr) if data else "",
+            classification=classification,
+            reason=reason,
+            counter=counter,
+        )
+
+
+class SiteResolver(CounterScan):
+    """Classifies gs-relative increments of x86-64 kernel and module text."""
+
+    _candidate = _GS_INCREMENT
+
+    def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
+                 counters: dict[int, str],
+                 needed_slots: Optional[Callable[[str, str], Needs]] = None,
+                 jump_labels: Optional[Mapping[int, int]] = None) -> None:
+        """``needed_slots(function, object)``: the argument positions events of that
+        function's sites read (from BTF), each with the bytes of it they use (a plain set:
+        whole pointers); without it, arguments are recorded at entry.
+        ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
+        super().__init__(read, syms, mib_offset, counters)
+        self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
+        self._needed_slots = needed_slots
+        self._mib_bytes = [mib_offset.to_bytes(4, "little")]
+        if mib_offset < 0x80:
+            self._mib_bytes.append(bytes([mib_offset]))
+        self._lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._detail.detail = True
+
+    def _disassemble_one(self, data: bytes, addr: int) -> str:
+        insn = next(self._lite.disasm_lite(data, addr, 1), None)
+        return f"{insn[2]} {insn[3]}" if insn else ""
 
     # classification
     def _classify_function(self, parent: str, addrs: list[int], result: Resolution) -> None:
@@ -169,18 +227,6 @@ class SiteResolver:
         return [replace(s, arg_regs=where.registers, arg_stack=where.stack,
                         records=plan.records if needed.keys() - where.slots() else ())
                 for s, where in zip(found, plan.sites)]
-
-    def _group_parts(self, parent: str, obj: str, fallback: Function) -> list[Function]:
-        """The function and its compiler-split ``.cold`` parts, entry first."""
-        main = self._syms.find(parent, obj)
-        parts = [main] if main is not None else []
-        for suffix in (".cold", *(f".cold.{n}" for n in range(1, 8))):
-            cold = self._syms.find(parent + suffix, obj)
-            if cold is not None:
-                parts.append(cold)
-        if fallback not in parts:
-            parts.append(fallback)
-        return parts
 
     def _classify_site(self, code: FunctionCode, i: int, parent: str,
                        offsets: dict[int, Optional[int]], result: Resolution) -> None:
@@ -243,25 +289,6 @@ class SiteResolver:
         result.sites.append(site)
         result.audit.append(self._entry(insn.address, XFRM, "loaded from "
                                         "net->mib.xfrm_statistics", site.counter))
-
-    def _entry(self, addr: int, classification: str, reason: str,
-               counter: Optional[str] = None) -> AuditEntry:
-        func = self._syms.lookup(addr)
-        text = ""
-        data = self._read(addr, 16)
-        if data:
-            insn = next(self._lite.disasm_lite(data, addr, 1), None)
-            text = f"{insn[2]} {insn[3]}" if insn else ""
-        return AuditEntry(
-            object=func.object if func else "?",
-            function=func.name if func else "?",
-            offset=addr - func.start if func else 0,
-            address=addr,
-            instruction=text,
-            classification=classification,
-            reason=reason,
-            counter=counter,
-        )
 
 
 def _parent_name(name: str) -> str:

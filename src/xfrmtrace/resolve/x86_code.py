@@ -26,13 +26,6 @@ from xfrmtrace.resolve.x86_registers import CALLER_SAVED, reg64
 
 _BLOCK_LIMIT = 256  # (block, register) pairs a backward search may visit per site
 _PADDING = ("nop", "int3")  # what unreachable bytes between functions may hold
-#: Kernel functions that never return (a subset of objtool's list, tools/objtool/
-#: noreturns.h, those XFRM code calls): the instruction after a call to one is not reached
-#: from the call.  Without this, ``call __stack_chk_fail`` appears to fall through into the
-#: next block, a path that never runs.
-NORETURN_FUNCTIONS = ("__stack_chk_fail", "__fortify_panic", "fortify_panic", "panic",
-                      "vpanic", "do_exit", "make_task_dead", "usercopy_abort",
-                      "__ubsan_handle_builtin_unreachable")
 
 
 # --- code model -------------------------------------------------------------
