@@ -277,9 +277,9 @@ def live(asm, monkeypatch):
     """The assembled text seen as a running kernel whose build id is BUILD_ID."""
     a = asm(CACHED_TEXT)
     monkeypatch.setattr(discovery, "kernel_build_id", lambda: BUILD_ID)
+    model = SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS, btf=PROTOTYPES)
     return SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read), live=True,
-                           machine="x86_64", model=SimpleNamespace(mib_offset=MIB_OFFSET, counters=COUNTERS,
-                                                  btf=PROTOTYPES))
+                           machine="x86_64", model=model)
 
 
 def _resolve(view, cache_dir: Path):
