@@ -381,6 +381,14 @@ def _install(series: Series, index: _SuiteIndex, version: str, image_pkg: str,
     return kernel
 
 
+def _series(name: str) -> Series:
+    try:
+        return SERIES[name]
+    except KeyError:
+        raise KernelFetchError(f"unknown kernel series {name!r} (known: {', '.join(SERIES)})") \
+            from None
+
+
 def fetch_kernel(series: str) -> Kernel:
     """Return the newest kernel of ``series`` (a key of :data:`SERIES`), fetching it if needed.
 
@@ -388,11 +396,7 @@ def fetch_kernel(series: str) -> Kernel:
     packages are downloaded only if that exact release is not cached yet.  If the network is
     down (or ``XFRMTRACE_LAB_OFFLINE=1``) the newest cached kernel of the series is used.
     """
-    try:
-        spec = SERIES[series]
-    except KeyError:
-        raise KernelFetchError(f"unknown kernel series {series!r} (known: {', '.join(SERIES)})") \
-            from None
+    spec = _series(series)
     root = cache_dir()
     (root / "kernels").mkdir(parents=True, exist_ok=True)
     with locked(root / ".lock"):
@@ -435,11 +439,7 @@ class DebugKernel:
 def fetch_debug_vmlinux(series: str) -> DebugKernel:
     """The newest ``series`` kernel's vmlinux and System.map (``linux-image-<v>-dbg``, about
     1 GB; only those two files are kept, in ``debug/<v>`` of the lab cache)."""
-    try:
-        spec = SERIES[series]
-    except KeyError:
-        raise KernelFetchError(f"unknown kernel series {series!r} (known: {', '.join(SERIES)})") \
-            from None
+    spec = _series(series)
     root = cache_dir()
     (root / "debug").mkdir(parents=True, exist_ok=True)
     with locked(root / ".lock"):

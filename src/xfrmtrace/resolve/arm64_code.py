@@ -283,26 +283,23 @@ class FunctionCode:
     # --- values -------------------------------------------------------------------------
 
     def values(self, i: int, reg: str, mib_offset: int, depth: int = 0,
-               via: Optional[tuple[int, int]] = None) -> tuple[set[Term], frozenset[str]]:
+               via: Optional[tuple[int, int]] = None) -> set[Term]:
         """Every value ``reg`` may hold before instruction i, one per reaching definition
-        (as :class:`Term`), and the registers written between those definitions and i.
+        (as :class:`Term`).
         ``via`` (block, predecessor): only paths that enter that block from that
         predecessor."""
         terms: set[Term] = set()
-        written_all: set[str] = set()
         seen: set[tuple[int, str]] = set()
-        work: list[tuple[int, int, frozenset[str]]] = [(self.block_of[i], i - 1, frozenset())]
+        work: list[tuple[int, int]] = [(self.block_of[i], i - 1)]
         while work:
-            b, j, written = work.pop()
+            b, j = work.pop()
             block = self.blocks[b]
             defined = False
             while j >= block.first:
                 if reg in self.writes(j):
                     terms |= self._defined(j, reg, mib_offset, depth, via)
-                    written_all |= written
                     defined = True
                     break
-                written = written | self.writes(j)
                 j -= 1
             if defined:
                 continue
@@ -316,10 +313,10 @@ class FunctionCode:
                 if (p, reg) in seen:
                     continue
                 if len(seen) >= _BLOCK_LIMIT or len(terms) > _TERMS_LIMIT:
-                    return {Term(other="control flow too large to follow")}, frozenset()
+                    return {Term(other="control flow too large to follow")}
                 seen.add((p, reg))
-                work.append((p, self.blocks[p].last, written))
-        return terms, frozenset(written_all)
+                work.append((p, self.blocks[p].last))
+        return terms
 
     def _defined(self, j: int, reg: str, mib_offset: int, depth: int,
                  via: Optional[tuple[int, int]]) -> set[Term]:
@@ -340,12 +337,12 @@ class FunctionCode:
             if ops[1].startswith("#"):
                 return {Term(offset=_immediate(ops[1]))}
             if xreg(ops[1]) and ops[1].startswith("x"):
-                return self.values(j, xreg(ops[1]) or "", mib_offset, depth + 1, via)[0]
+                return self.values(j, xreg(ops[1]) or "", mib_offset, depth + 1, via)
         if m in ("add", "sub") and len(ops) in (3, 4):
             left = xreg(ops[1]) if ops[1].startswith("x") else None
             if left is None:
                 return {Term(other=text)}
-            lefts = self.values(j, left, mib_offset, depth + 1, via)[0]
+            lefts = self.values(j, left, mib_offset, depth + 1, via)
             if ops[2].startswith("#"):
                 shift = _shift(ops[3] if len(ops) == 4 else "")
                 if shift is None:
@@ -355,7 +352,7 @@ class FunctionCode:
                 return {t.plus(delta) for t in lefts}
             right = xreg(ops[2]) if ops[2].startswith("x") else None
             if m == "add" and right is not None and len(ops) == 3:
-                rights = self.values(j, right, mib_offset, depth + 1, via)[0]
+                rights = self.values(j, right, mib_offset, depth + 1, via)
                 return {a.plus(b) for a in lefts for b in rights}
         return {Term(other=text)}
 

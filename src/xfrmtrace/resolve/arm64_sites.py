@@ -47,7 +47,7 @@ import capstone
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.resolve.arm64_code import INSN_BYTES, FunctionCode, Term, xreg
-from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM, Resolution, Site
+from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM, Resolution
 from xfrmtrace.resolve.sites import CounterScan, ReadText
 
 # Little-endian words, matched at any byte (aligned ones kept): 64-bit LDXR Xt, [Xn]
@@ -126,7 +126,7 @@ class Arm64SiteResolver(CounterScan):
                                             "code, patched in elsewhere)"))
             return
         address_reg = shape[0]
-        terms, _written = code.values(i, address_reg, self._mib_offset)
+        terms = code.values(i, address_reg, self._mib_offset)
         kind, why = _provenance(terms)
         if kind != XFRM:
             result.audit.append(self._entry(insn.address, kind, why))
@@ -146,7 +146,7 @@ class Arm64SiteResolver(CounterScan):
         instruction ``probe``."""
         address = code.insns[i].address
         address_reg, value_at, value = shape
-        terms, _written = code.values(i, address_reg, self._mib_offset, via=via)
+        terms = code.values(i, address_reg, self._mib_offset, via=via)
         kind, why = _provenance(terms)
         if kind != XFRM or len(terms) != 1:
             result.audit.append(self._entry(address, DOUBTFUL, why if kind != XFRM else
@@ -154,7 +154,7 @@ class Arm64SiteResolver(CounterScan):
             return
         (term,) = terms
         added = {Term(offset=value)} if isinstance(value, int) else \
-            code.values(value_at, str(value), self._mib_offset, via=via)[0]
+            code.values(value_at, str(value), self._mib_offset, via=via)
         if added != {Term(offset=1)}:
             known = all(t.other is None and not t.mib and not t.cpu for t in added)
             result.audit.append(self._entry(
@@ -174,23 +174,8 @@ class Arm64SiteResolver(CounterScan):
             return
         mib_reg, bias = mib
         at = code.insns[probe]
-        func = self._syms.lookup(at.address)
-        assert func is not None
-        sp = offsets.get(probe)
-        site = Site(
-            object=func.object,
-            function=func.name,
-            offset=at.address - func.start,
-            address=at.address,
-            counter=self._counters[index],
-            counter_index=index,
-            mib_reg=mib_reg,
-            mib_bias=bias,
-            stack_depth=None if sp is None else -sp,
-            entry_function=parent if "." not in parent else None,
-            instruction=f"{at.mnemonic} {at.op_str}".strip(),
-            code=self._read(at.address, INSN_BYTES).hex(),
-        )
+        site = self._site(at.address, INSN_BYTES, f"{at.mnemonic} {at.op_str}".strip(), index,
+                          parent, offsets.get(probe), mib_reg=mib_reg, mib_bias=bias)
         result.sites.append(site)
         result.audit.append(self._entry(
             address, XFRM, f"loaded from net->mib.xfrm_statistics; probed at {site.label} "
@@ -307,7 +292,7 @@ def _mib_register(code: FunctionCode, probe: int, mib_offset: int,
     offset) before the probe instruction, on every path ``via`` selects."""
     for n in range(31):
         reg = f"x{n}"
-        terms, _written = code.values(probe, reg, mib_offset, via=via)
+        terms = code.values(probe, reg, mib_offset, via=via)
         if len(terms) == 1:
             (term,) = terms
             if term.mib and not term.cpu:

@@ -143,6 +143,27 @@ class CounterScan:
             parts.append(fallback)
         return parts
 
+    def _site(self, address: int, size: int, instruction: str, index: int, parent: str,
+              sp: Optional[int], **registers) -> Site:
+        """The site probed at ``address`` (an instruction of ``size`` bytes, ``sp`` relative
+        to the entry there) for counter ``index`` in function ``parent``; ``registers``:
+        mib_reg (and net_reg, mib_bias) as the resolver found them."""
+        func = self._syms.lookup(address)
+        assert func is not None
+        return Site(
+            object=func.object,
+            function=func.name,
+            offset=address - func.start,
+            address=address,
+            counter=self._counters[index],
+            counter_index=index,
+            stack_depth=None if sp is None else -sp,
+            entry_function=parent if "." not in parent else None,
+            instruction=instruction,
+            code=self._read(address, size).hex(),
+            **registers,
+        )
+
     def _entry(self, addr: int, classification: str, reason: str,
                counter: Optional[str] = None) -> AuditEntry:
         func = self._syms.lookup(addr)
@@ -269,23 +290,8 @@ class SiteResolver(CounterScan):
             (only,) = bases
             if only != base and all(only not in d_.written for d_ in defs):
                 net_reg = only
-        sp = offsets.get(i)
-        func = self._syms.lookup(insn.address)
-        assert func is not None
-        site = Site(
-            object=func.object,
-            function=func.name,
-            offset=insn.address - func.start,
-            address=insn.address,
-            counter=self._counters[index],
-            counter_index=index,
-            mib_reg=base,
-            net_reg=net_reg,
-            stack_depth=None if sp is None else -sp,
-            entry_function=parent if "." not in parent else None,
-            instruction=f"{insn.mnemonic} {insn.op_str}",
-            code=self._read(insn.address, insn.size).hex(),
-        )
+        site = self._site(insn.address, insn.size, f"{insn.mnemonic} {insn.op_str}", index,
+                          parent, offsets.get(i), mib_reg=base, net_reg=net_reg)
         result.sites.append(site)
         result.audit.append(self._entry(insn.address, XFRM, "loaded from "
                                         "net->mib.xfrm_statistics", site.counter))
