@@ -6,7 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLANG ?= clang
 LLVM_STRIP ?= llvm-strip
-BPF_OBJ := src/xfrmtrace/bpf/xfrm.bpf.o
+# One BPF object per machine the tracer runs on, named by `uname -m` (tracer.bpf_object);
+# the package ships both and loads the running machine's.
+BPF_DIR := src/xfrmtrace/bpf
+BPF_OBJS := $(BPF_DIR)/xfrm.x86_64.bpf.o $(BPF_DIR)/xfrm.aarch64.bpf.o
 # Kernel series for `make test-kernels` and `make demo` (vmlab/host/kernels.py MATRIX):
 # "all" is the whole matrix; e.g. KERNEL=6.12 or KERNEL=5.10,sid for a subset.
 KERNEL ?= all
@@ -24,7 +27,7 @@ PYTEST_ARGS ?=
 # dpkg-dev and patch) to build and run a real kube-apiserver for the chart
 # (tests/support/kubeapi.py; built once, cached in the lab cache).
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 python3-venv python3-dev \
-	qemu-system-x86 kmod busybox-static xz-utils iproute2 iptables iputils-ping \
+	qemu-system-x86 qemu-system-arm cpio kmod busybox-static xz-utils iproute2 iptables iputils-ping \
 	ca-certificates binutils bpftool tshark file debian-archive-keyring \
 	chromium-headless-shell prometheus mmdebstrap etcd-server golang-1.19-go dpkg-dev patch openssl
 
@@ -65,12 +68,21 @@ $(VENV)/.stamp: setup.cfg pyproject.toml | deps
 	$(PY) -m pip install -q -e '.[dev,metrics]'
 	@touch $@
 
-bpf: $(BPF_OBJ)
-$(BPF_OBJ): bpf/xfrm.bpf.c bpf/xfrm.h vmlinux.h | deps
+# $(call bpf_compile,TARGET_ARCH,VMLINUX_H_DIR): the object for one architecture, against
+# that architecture's vmlinux.h (x86-64: ./vmlinux.h; arm64: bpf/arm64/vmlinux.h, from the BTF
+# of Debian's arm64 6.12 kernel).  bpf/ holds no vmlinux.h, so the -I order picks it.
+define bpf_compile
 	@mkdir -p $(dir $@)
-	$(CLANG) -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -I. -Ibpf \
+	$(CLANG) -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(1) -I$(2) -Ibpf \
 		-fdebug-prefix-map=$(CURDIR)=. -c $< -o $@
 	$(LLVM_STRIP) -g $@
+endef
+
+bpf: $(BPF_OBJS)
+$(BPF_DIR)/xfrm.x86_64.bpf.o: bpf/xfrm.bpf.c bpf/xfrm.h vmlinux.h | deps
+	$(call bpf_compile,x86,.)
+$(BPF_DIR)/xfrm.aarch64.bpf.o: bpf/xfrm.bpf.c bpf/xfrm.h bpf/arm64/vmlinux.h | deps
+	$(call bpf_compile,arm64,bpf/arm64)
 
 # Everything: unit tests, then the end-to-end suite on every kernel of the matrix.
 test: all
@@ -123,7 +135,7 @@ IMAGE_BUILD_ARGS ?=
 # a concurrent build), its dependencies are downloaded to a local wheel directory, and the
 # install into the staging site-packages is offline, so nothing but the pins gets in.
 dist: $(DIST_PYZ)
-$(DIST_PYZ): $(BPF_OBJ) $(DIST_CONSTRAINTS) setup.cfg pyproject.toml README.md \
+$(DIST_PYZ): $(BPF_OBJS) $(DIST_CONSTRAINTS) setup.cfg pyproject.toml README.md \
 		$(shell find src/xfrmtrace -name '*.py') | venv
 	@mkdir -p $(dir $@)
 	@set -e; stage=$$(mktemp -d); trap 'rm -rf "$$stage"' EXIT; mkdir "$$stage/tree"; \
@@ -168,4 +180,4 @@ image:
 	esac
 
 clean:
-	rm -rf $(VENV) $(BPF_OBJ) .deps.stamp .bench-deps.stamp build dist *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(BPF_OBJS) .deps.stamp .bench-deps.stamp build dist *.egg-info src/*.egg-info

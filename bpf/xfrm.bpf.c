@@ -24,6 +24,24 @@
 #define AF_INET6	10
 #define NSEC_PER_SEC	1000000000ULL
 
+/*
+ * What differs by architecture: how many registers of struct pt_regs are copied (x86-64:
+ * r15..di, enum xt_reg; arm64: x0..x30, numbered as regs[]), and the address a kprobe
+ * reports.  An x86 kprobe is an int3: the handler sees ip after it, and optimized (jump)
+ * and ftrace-based probes set ip to the same addr + 1 so that handlers need not care
+ * (arch/x86/kernel/kprobes/opt.c, ftrace.c).  An arm64 kprobe is a BRK that traps with pc
+ * at the probed instruction itself (arch/arm64/kernel/probes/kprobes.c).
+ */
+#if defined(__TARGET_ARCH_x86)
+#define XT_NUM_REGS		XT_NUM_REGS_X86
+#define probe_address(ctx)	(PT_REGS_IP(ctx) - 1)
+#elif defined(__TARGET_ARCH_arm64)
+#define XT_NUM_REGS		XT_NUM_REGS_ARM64
+#define probe_address(ctx)	PT_REGS_IP(ctx)
+#else
+#error "xfrmtrace builds for __TARGET_ARCH_x86 and __TARGET_ARCH_arm64"
+#endif
+
 char LICENSE[] SEC("license") = "GPL";
 
 const volatile struct xt_config cfg = {};
@@ -127,7 +145,7 @@ static __always_inline void stat_inc(__u32 which)
  * per-CPU map value first, where a bounded variable index is fine.
  */
 struct saved_regs {
-	__u64 r[XT_REG_DI + 1];
+	__u64 r[XT_NUM_REGS];
 };
 
 struct {
@@ -149,7 +167,7 @@ static __always_inline struct saved_regs *save_regs(struct pt_regs *ctx)
 
 static __always_inline __u64 reg_value(const struct saved_regs *saved, __u8 reg)
 {
-	if (!saved || reg > XT_REG_DI)
+	if (!saved || reg >= XT_NUM_REGS)
 		return 0;
 	return saved->r[reg];
 }
@@ -447,7 +465,7 @@ static __always_inline bool filtered_out(const struct xt_event *e)
 SEC("kprobe")
 int xt_entry(struct pt_regs *ctx)
 {
-	__u64 ip = PT_REGS_IP(ctx) - 1;	/* kprobes report the address after int3 */
+	__u64 ip = probe_address(ctx);
 	struct xt_entry_info *info = bpf_map_lookup_elem(&entries, &ip);
 	struct xt_frame frame = {};
 	struct saved_regs *regs;
@@ -462,7 +480,7 @@ int xt_entry(struct pt_regs *ctx)
 	frame.func_id = info->func_id;
 	for (slot = 0; slot < 6; slot++)
 		frame.args[slot] = reg_value(regs, info->arg_reg[slot]);
-	entry_sp = ctx->sp + (__u64)(__s64)info->depth;
+	entry_sp = PT_REGS_SP(ctx) + (__u64)(__s64)info->depth;
 	bpf_map_update_elem(&frames, &entry_sp, &frame, BPF_ANY);
 	return 0;
 }
@@ -470,7 +488,7 @@ int xt_entry(struct pt_regs *ctx)
 SEC("kprobe")
 int xt_site(struct pt_regs *ctx)
 {
-	__u64 ip = PT_REGS_IP(ctx) - 1;
+	__u64 ip = probe_address(ctx);
 	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &ip);
 	struct arg_source args = {};
 	struct netns_guess ns = {};
@@ -492,7 +510,7 @@ int xt_site(struct pt_regs *ctx)
 	args.si = si;
 	args.sp = PT_REGS_SP(ctx);
 	args.regs = save_regs(ctx);
-	mib = reg_value(args.regs, si->mib_reg);
+	mib = reg_value(args.regs, si->mib_reg) - si->mib_bias;
 	fid = si->func_id;
 	if (fid < XT_MAX_FUNCS)
 		args.fi = bpf_map_lookup_elem(&funcs, &fid);
@@ -503,7 +521,7 @@ int xt_site(struct pt_regs *ctx)
 	} else if (si->stack_depth < 0) {
 		note = XT_NOTE_DEPTH_UNKNOWN;
 	} else {
-		entry_sp = ctx->sp + (__u64)si->stack_depth;
+		entry_sp = PT_REGS_SP(ctx) + (__u64)si->stack_depth;
 		args.frame = bpf_map_lookup_elem(&frames, &entry_sp);
 		if (!args.frame || args.frame->func_id != fid) {
 			args.frame = NULL;

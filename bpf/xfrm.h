@@ -45,6 +45,13 @@ enum xt_reg {
 	XT_REG_DI = 14,
 };
 
+/*
+ * arm64 registers are numbered as struct pt_regs's regs[] (x0..x30): register xN is N.
+ * XT_NUM_REGS_* is how many 64-bit slots of the machine's pt_regs the BPF side copies.
+ */
+#define XT_NUM_REGS_X86		15	/* XT_REG_R15 .. XT_REG_DI */
+#define XT_NUM_REGS_ARM64	31	/* x0 .. x30 */
+
 /* What the packet part of an event was taken from. */
 enum xt_context {
 	XT_CTX_NONE = 0,	/* no packet or flow could be found */
@@ -96,14 +103,16 @@ struct xt_site_info {
 	__u32 site_id;		/* index into site_counts */
 	__u32 counter;		/* LINUX_MIB_XFRM* value */
 	__u32 func_id;		/* enclosing function; matches xt_frame */
-	__u8 mib_reg;		/* register holding net->mib.xfrm_statistics */
+	/* mib_reg - mib_bias == net->mib.xfrm_statistics: arm64 adds the counter's offset
+	 * before its atomic (which takes no displacement); 0 on x86 */
+	__u32 mib_bias;
+	__u8 mib_reg;		/* register holding net->mib.xfrm_statistics + mib_bias */
 	__u8 net_reg;		/* register holding the struct net *, or XT_NO_REG */
 	/* argument 0..5 of the function -> register holding it here; XT_ARG_IN_STACK: in
 	 * the 8 bytes at sp + arg_sp_off[n] (a spill slot, arglocations.py); XT_NO_REG: from
 	 * the function's recorded frame */
 	__u8 arg_reg[6];
 	__u16 arg_sp_off[6];
-	__u8 pad[4];
 };
 
 /* Value of map "funcs", keyed by func_id. */
@@ -126,7 +135,7 @@ struct xt_entry_info {
 
 /* Value of map "frames", keyed by the sp at function entry. */
 struct xt_frame {
-	__u64 args[6];		/* arguments 0..5 (di, si, dx, cx, r8, r9 at entry) */
+	__u64 args[6];		/* arguments 0..5 (x86: di, si, dx, cx, r8, r9 at entry; arm64: x0..x5) */
 	__u32 func_id;
 	__u32 pad;
 };

@@ -22,7 +22,9 @@ from xfrmtrace.errors import XfrmtraceError
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "bpf" / "xfrm.h"
-BPF_OBJECT = ROOT / "src" / "xfrmtrace" / "bpf" / "xfrm.bpf.o"
+# One object per machine (Makefile BPF_OBJS): both must carry the layout abi.py reads.
+BPF_OBJECTS = {machine: ROOT / "src" / "xfrmtrace" / "bpf" / f"xfrm.{machine}.bpf.o"
+               for machine in ("x86_64", "aarch64")}
 INCLUDE_GUARD = "__XFRMTRACE_XFRM_H"
 
 C_TO_CTYPES = {
@@ -225,21 +227,24 @@ def test_event_size_constant() -> None:
 # --- BTF of the built BPF object -------------------------------------------------------------
 
 
-def load_btf() -> object:
+def load_btf(machine: str) -> object:
     """The BTF of the built object, or a skip saying what is missing."""
-    if not BPF_OBJECT.exists():
-        pytest.skip(f"{BPF_OBJECT.relative_to(ROOT)} is not built yet (run `make bpf`)")
+    path = BPF_OBJECTS[machine]
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(ROOT)} is not built yet (run `make bpf`)")
     try:
         from xfrmtrace.bpf.btf import Btf
     except ImportError as err:
         pytest.skip(f"xfrmtrace.bpf.btf is not available yet: {err}")
-    return Btf.from_file(str(BPF_OBJECT))
+    return Btf.from_file(str(path))
 
 
+@pytest.mark.parametrize("machine", sorted(BPF_OBJECTS))
 @pytest.mark.parametrize("struct", sorted(abi.C_STRUCTS))
-def test_struct_layout_matches_bpf_object_btf(struct: str) -> None:
-    """House rule 1: the layout the BPF program was compiled with is the one Python reads."""
-    btf = load_btf()
+def test_struct_layout_matches_bpf_object_btf(struct: str, machine: str) -> None:
+    """House rule 1: the layout the BPF program was compiled with is the one Python reads,
+    in the object of every machine."""
+    btf = load_btf(machine)
     try:
         layout = btf.struct_layout(struct)  # type: ignore[attr-defined]
     except XfrmtraceError as err:

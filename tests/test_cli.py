@@ -307,13 +307,9 @@ def _as_machine(machine: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("machine, needles", [
-    ("aarch64", ("tracing on aarch64 is not supported yet", "xfrmtrace sites")),
-    ("riscv64", ("unsupported architecture riscv64", "x86-64 and arm64")),
-])
-def test_trace_on_a_machine_it_cannot_trace_gives_one_line(machine: str, needles) -> None:
-    proc = _as_machine(machine, "trace")
-    assert_one_line_error(proc, *needles)
+def test_trace_on_a_machine_it_cannot_trace_gives_one_line() -> None:
+    proc = _as_machine("riscv64", "trace")
+    assert_one_line_error(proc, "unsupported architecture riscv64", "x86-64 and arm64")
     assert proc.stdout == ""
 
 

@@ -28,7 +28,9 @@ from xfrmtrace import __version__
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
-BPF_OBJECT = REPO / "src" / "xfrmtrace" / "bpf" / "xfrm.bpf.o"
+#: The BPF objects `make bpf` builds, one per machine: the zipapp runs on both.
+BPF_OBJECTS = {name: REPO / "src" / "xfrmtrace" / "bpf" / name
+               for name in ("xfrm.x86_64.bpf.o", "xfrm.aarch64.bpf.o")}
 
 
 def read_pins(path: Path = CONSTRAINTS) -> Dict[str, str]:
@@ -108,7 +110,7 @@ def test_version(pyz: Path, shiv_root: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"xfrmtrace {__version__}"
     # Extracted under SHIV_ROOT, not ~/.shiv.
-    assert list(shiv_root.glob("xfrmtrace.pyz_*/site-packages/xfrmtrace/bpf/xfrm.bpf.o"))
+    assert list(shiv_root.glob("xfrmtrace.pyz_*/site-packages/xfrmtrace/bpf/xfrm.*.bpf.o"))
 
 
 def test_help_and_sites_help(pyz: Path, shiv_root: Path) -> None:
@@ -131,8 +133,8 @@ with zipfile.ZipFile(path) as z:
         "shebang": shebang,
         "names": z.namelist(),
         "environment": json.loads(z.read("environment.json")),
-        "bpf_sha256": __import__("hashlib").sha256(
-            z.read("site-packages/xfrmtrace/bpf/xfrm.bpf.o")).hexdigest(),
+        "bpf_sha256": {n.rsplit("/", 1)[1]: __import__("hashlib").sha256(z.read(n)).hexdigest()
+                       for n in z.namelist() if n.endswith(".bpf.o")},
     }))
 """
 
@@ -143,13 +145,14 @@ def test_zip_contents(pyz: Path) -> None:
     info = json.loads(proc.stdout)
     names = set(info["names"])
     assert info["shebang"] == "#!/usr/bin/env python3\n"
-    assert "site-packages/xfrmtrace/bpf/xfrm.bpf.o" in names
     assert "site-packages/capstone/lib/libcapstone.so" in names
     assert "site-packages/prometheus_client/__init__.py" in names
     assert "site-packages/elftools/__init__.py" in names
     assert "site-packages/pyroute2/__init__.py" in names
-    # The object packed is the one `make bpf` built from the current sources.
-    assert info["bpf_sha256"] == hashlib.sha256(BPF_OBJECT.read_bytes()).hexdigest()
+    # The objects packed, one per machine, are the ones `make bpf` built from the current
+    # sources.
+    assert info["bpf_sha256"] == {name: hashlib.sha256(path.read_bytes()).hexdigest()
+                                  for name, path in BPF_OBJECTS.items()}
     env = info["environment"]
     assert env["entry_point"] == "xfrmtrace.cli:main"
     assert env["reproducible"] is True

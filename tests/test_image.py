@@ -127,7 +127,7 @@ def test_every_copied_path_exists_and_is_in_the_context() -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".git/config", ".venv/bin/python", "dist/xfrmtrace.pyz", "tests/fixtures",
                  "src/xfrmtrace/__pycache__/cli.cpython-311.pyc", "src/xfrmtrace.egg-info",
-                 "src/xfrmtrace/bpf/xfrm.bpf.o", ".pytest_cache/v"):
+                 "src/xfrmtrace/bpf/xfrm.x86_64.bpf.o", ".pytest_cache/v"):
         assert ignored(path), f"{path} would be sent to the build context"
     # The reader itself: parents, globs, exceptions, last match wins.
     assert ignored("a/b/c.pyc", ["**/*.pyc"]) and ignored("x.pyc", ["**/*.pyc"])
@@ -248,8 +248,10 @@ def test_dockerfile_in_debian_chroots(tmp_path_factory: pytest.TempPathFactory) 
             assert len(lines) == 1 and lines[0].startswith("xfrmtrace: error:"), proc.stderr
 
         site = next((final.root / "opt/xfrmtrace/lib").glob("python3*/site-packages"))
-        # The BPF object was built in the builder (the host's is not in the context).
-        assert (site / "xfrmtrace/bpf/xfrm.bpf.o").stat().st_size > 0
+        # The BPF objects were built in the builder (the host's are not in the context), one
+        # per machine: the same image layout serves x86-64 and arm64 nodes.
+        for machine in ("x86_64", "aarch64"):
+            assert (site / f"xfrmtrace/bpf/xfrm.{machine}.bpf.o").stat().st_size > 0
         # Compiled at build time (the image is read-only), hash-based thanks to
         # SOURCE_DATE_EPOCH, so the same from build to build.
         pycs = list((site / "xfrmtrace").glob("__pycache__/*.pyc"))

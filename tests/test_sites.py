@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ import pytest
 from tests.support.kasm import BASE, COUNTERS, MIB_OFFSET, Assembled, needs_binutils
 from xfrmtrace.kernel.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.resolve import discovery
+from xfrmtrace.resolve.model import Resolution
 from xfrmtrace.resolve.sitecache import FORMAT, SiteCache
 from xfrmtrace.resolve.sites import DOUBTFUL, OTHER, XFRM
 
@@ -189,7 +191,7 @@ def test_site_cache_round_trip_and_corruption(asm, tmp_path):
     a = asm(CACHED_TEXT)
     result = a.resolve()
     assert [s.function for s in result.sites] == ["f1", "f2"]
-    view = SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read))
+    view = SimpleNamespace(syms=a.syms, text=SimpleNamespace(read=a.read), machine="x86_64")
     cache = SiteCache(tmp_path / "cache")
     cache.store("vmlinux", "abc", result)
     loaded = cache.load("vmlinux", "abc", view)
@@ -211,8 +213,17 @@ def test_site_cache_round_trip_and_corruption(asm, tmp_path):
     split = Kallsyms.parse(f"{BASE:016x} T _stext\n{BASE:016x} T f1\n"
                            f"{site.address - 1:016x} t neighbour\n"
                            f"{BASE + len(a.code):016x} T _etext\n")
-    assert cache.load("vmlinux", "abc", SimpleNamespace(syms=split, text=view.text)) is None
+    assert cache.load("vmlinux", "abc", SimpleNamespace(syms=split, text=view.text,
+                                                        machine="x86_64")) is None
     assert cache.load("vmlinux", "abc", view) is not None
+    # Registers end up in BPF maps as the machine numbers them: another machine's names
+    # (an arm64 x0 here) or the stack pointer make the cache unusable.
+    for field, name in (("mib_reg", "x0"), ("net_reg", "rsp"), ("arg_regs", "x1")):
+        value = [name] * 6 if field == "arg_regs" else name
+        cache.store("vmlinux", "abc", Resolution(
+            sites=[replace(s, **{field: tuple(value) if field == "arg_regs" else value})
+                   for s in result.sites], audit=result.audit))
+        assert cache.load("vmlinux", "abc", view) is None, field
 
 
 def test_classification_is_exhaustive(asm):

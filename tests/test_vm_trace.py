@@ -60,7 +60,7 @@ def run(request, tmp_path_factory) -> dict:
     extra_modules = _provide_extra_modules(kernel)
     rwdir = tmp_path_factory.mktemp(f"vm-{series}")
     out = rwdir / "trace"
-    command = shlex.join([sys.executable, "-m", "tests.guest.trace_run", "--out", str(out),
+    command = shlex.join([vm.guest_python(kernel), "-m", "tests.guest.trace_run", "--out", str(out),
                           "--count", str(PACKETS), "--tool-arg=--output-stack",
                           # A limit no scenario reaches: the rate-limit path runs on every
                           # kernel (the verifier sees it only when it is switched on).

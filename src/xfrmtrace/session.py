@@ -238,7 +238,7 @@ class TraceSession:
             counter_filter: Optional[set[int]] = None) -> Summary:
         """Trace until ``stop.stopped`` or ``deadline`` (monotonic seconds)."""
         started = time.monotonic()
-        tracer = Tracer(self._config(counter_filter))
+        tracer = Tracer(self._config(counter_filter), self._view.machine)
         watcher = self._start_xfrm_watch()
         try:
             tracer.load()

@@ -83,7 +83,7 @@ def resolver_audit(out: Path) -> Dict[str, Any]:
     started = time.monotonic()
     audit_path = out / "audit.json"
     with open(audit_path, "w") as audit:
-        proc = subprocess.run([xfrmtrace(), "sites", "--audit", "--output", "json",
+        proc = subprocess.run([*xfrmtrace(), "sites", "--audit", "--output", "json",
                                "--cache-dir", "/tmp/xfrmtrace-cache"],
                               stdout=audit, stderr=subprocess.PIPE, text=True,
                               env=fast_capstone_env())

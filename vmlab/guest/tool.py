@@ -38,8 +38,12 @@ def fast_capstone_env() -> Dict[str, str]:
     return {**os.environ, "LIBCAPSTONE_PATH": str(dst)}
 
 
-def xfrmtrace() -> str:
-    return str(Path(sys.executable).parent / "xfrmtrace")
+def xfrmtrace() -> List[str]:
+    """The command that runs this checkout's tool: the venv's console script (x86 guests
+    see the host's venv), else ``python3 -m xfrmtrace`` (the arm64 guest: no venv, the
+    checkout on PYTHONPATH)."""
+    script = Path(sys.executable).parent / "xfrmtrace"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "xfrmtrace"]
 
 
 def loaded_modules() -> List[str]:
@@ -73,7 +77,7 @@ class Tool:
         self.events_path, self.stderr_path = out / "events.jsonl", out / "stderr.txt"
         self.pcap_path = out / "events.pcapng"
         self.started = time.monotonic()
-        argv = [*(command or [xfrmtrace()]), "trace", "--output", output,
+        argv = [*(command or xfrmtrace()), "trace", "--output", output,
                 "--ready-file", str(self.ready_file), "--cache-dir", cache_dir,
                 "--metrics-addr", METRICS_ADDR, "--output-pcap", str(self.pcap_path), *extra]
         with open(self.events_path, "w") as events, open(self.stderr_path, "w") as stderr:

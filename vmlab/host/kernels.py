@@ -110,6 +110,13 @@ class Kernel:
     package_version: str = ""
 
 
+def debian_arch(kernel: Kernel) -> str:
+    """The Debian architecture ``kernel`` was built for (its series says; amd64 for a
+    kernel of no known series)."""
+    series = SERIES.get(kernel.series)
+    return series.arch if series else "amd64"
+
+
 def cache_dir() -> Path:
     """The lab cache directory (outside the repository, shared by all clones and runs)."""
     return Path(os.environ.get("XFRMTRACE_LAB_CACHE", str(DEFAULT_CACHE)))
@@ -400,7 +407,7 @@ def fetch_kernel(series: str) -> Kernel:
     root = cache_dir()
     (root / "kernels").mkdir(parents=True, exist_ok=True)
     with locked(root / ".lock"):
-        index = _SuiteIndex(spec.suite, root)
+        index = _SuiteIndex(spec.suite, root, spec.arch)
         fresh = index.refresh()
         kernel: Optional[Kernel] = None
         if index.has_index():

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Dict, List, Mapping, Optional, Sequence
 
+from vmlab.host import kernels
 from vmlab.host.kernels import Kernel
 
 #: Printed by the guest script first thing: its arrival on the console ends the boot phase.
@@ -126,6 +127,12 @@ def find_vng() -> Optional[Path]:
         return beside
     found = shutil.which("vng")
     return Path(found) if found else None
+
+
+def guest_python(kernel: Kernel) -> str:
+    """The Python to run in ``kernel``'s guest: this one (x86 guests share the host's root
+    and venv), or the arm64 root's python3 (this checkout on its PYTHONPATH)."""
+    return "python3" if kernels.debian_arch(kernel) == "arm64" else sys.executable
 
 
 def missing_requirements() -> List[str]:
@@ -218,7 +225,16 @@ def run_in_vm(
     unless it is inside ``rwdir`` or ``extra_rwdirs``.  ``env`` is exported before the command
     (the guest does not inherit the host environment).  ``echo`` copies the console to stderr.
     On timeout the whole VM process group is killed.
+
+    An arm64 kernel boots under qemu-system-aarch64 with the lab's own arm64 user space
+    (vmlab/host/arm64vm.py), same contract; run :func:`guest_python` there, not
+    sys.executable.
     """
+    if kernels.debian_arch(kernel) == "arm64":
+        from vmlab.host import arm64vm  # it imports this module
+
+        return arm64vm.run_in_vm(kernel, command, rwdir=rwdir, timeout=timeout, cpus=cpus,
+                                 env=env, extra_rwdirs=extra_rwdirs, cwd=cwd, echo=echo)
     missing = missing_requirements()
     if missing:
         raise VmLabUnavailable("VM lab unavailable: missing " + "; ".join(missing))

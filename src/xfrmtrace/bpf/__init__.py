@@ -5,7 +5,8 @@
 - :mod:`.objects`: the object model on top: BPF object, programs, maps, links, ring buffers.
 - :mod:`.btf`: BTF through libbpf: struct offsets, enums, function prototypes.
 - :mod:`.abi`: ctypes mirror of ``bpf/xfrm.h`` (checked against the built object's BTF).
-- ``xfrm.bpf.o``: the CO-RE object built from ``bpf/xfrm.bpf.c`` (package data).
+- ``xfrm.x86_64.bpf.o``, ``xfrm.aarch64.bpf.o``: the CO-RE objects built from
+  ``bpf/xfrm.bpf.c`` for each machine (package data; ``trace.tracer.bpf_object`` picks one).
 
 Imports nothing else of xfrmtrace but :mod:`xfrmtrace.errors`.
 """

@@ -35,6 +35,8 @@ XT_ARG_IN_STACK = 0xFE
 XT_ARG_STACK_MAX = 0xFFFF
 XT_DEPTH_UNKNOWN = -1
 XT_RINGBUF_DEFAULT = 4 << 20
+XT_NUM_REGS_X86 = 15
+XT_NUM_REGS_ARM64 = 31
 
 XT_F_NETNS_VERIFIED = 1 << 0
 XT_F_PKT_TRUNCATED = 1 << 1
@@ -134,11 +136,11 @@ class XtSiteInfo(ctypes.Structure):
         ("site_id", ctypes.c_uint32),
         ("counter", ctypes.c_uint32),
         ("func_id", ctypes.c_uint32),
+        ("mib_bias", ctypes.c_uint32),
         ("mib_reg", ctypes.c_uint8),
         ("net_reg", ctypes.c_uint8),
         ("arg_reg", ctypes.c_uint8 * 6),
         ("arg_sp_off", ctypes.c_uint16 * 6),
-        ("pad", ctypes.c_uint8 * 4),
     ]
 
 

@@ -18,7 +18,7 @@ ARM64 = "aarch64"
 #: Machines whose kernel text the resolver reads (``uname -m`` spelling).
 RESOLVABLE = (X86_64, ARM64)
 #: Machines the tracer can attach on.
-TRACEABLE = (X86_64,)
+TRACEABLE = (X86_64, ARM64)
 _ELF_MACHINES = {62: X86_64, 183: ARM64}  # e_machine: EM_X86_64, EM_AARCH64
 _UNAME_ALIASES = {"arm64": ARM64, "amd64": X86_64}
 

@@ -12,7 +12,7 @@ from xfrmtrace.kernel import jumplabels
 from xfrmtrace.kernel.kallsyms import VMLINUX
 from xfrmtrace.kernel.view import KernelView
 from xfrmtrace.resolve.funcargs import function_args
-from xfrmtrace.resolve.model import ENTRY_RECORD, FunctionArgs, Resolution, Site
+from xfrmtrace.resolve.model import ENTRY_RECORDS, FunctionArgs, Resolution, Site
 from xfrmtrace.resolve.sitecache import SiteCache, kernel_build_id, module_build_id
 
 log = logging.getLogger("xfrmtrace.resolve.discovery")
@@ -113,6 +113,7 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
         if site.entry_function is not None:
             by_function.setdefault((site.object, site.entry_function), []).append(site)
     result: list[FunctionArgs] = []
+    entry = ENTRY_RECORDS[view.machine]
     roles = ArgumentRoles(view)
     try:
         for (obj, function), its_sites in by_function.items():
@@ -125,7 +126,7 @@ def function_arguments(view: KernelView, sites: list[Site]) -> list[FunctionArgs
                 # Each site's points cut every path to it; the union serves them all.  A site
                 # without any (resolved without roles) keeps the entry.
                 points = {point for site in its_sites if not site.holds(args.slots)
-                          for point in site.records or (ENTRY_RECORD,)}
+                          for point in site.records or (entry,)}
                 args.records = tuple(sorted(points, key=lambda p: p.offset))
             result.append(args)
     finally:

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from xfrmtrace.bpf.abi import XT_FLOW_ONLY_ROLES, XtArgRole
+from xfrmtrace.kernel import arch
 from xfrmtrace.kernel.kallsyms import code_location
-from xfrmtrace.resolve.x86_registers import ARGUMENT_REGISTERS
+from xfrmtrace.resolve import arm64_registers, x86_registers
 
 #: The argument roles the BPF side reads (``enum xt_arg_role``), in role order.
 ARG_ROLES: tuple[XtArgRole, ...] = tuple(r for r in XtArgRole if r is not XtArgRole.NUM)
@@ -41,8 +42,19 @@ class RecordPoint:
     registers: tuple[Optional[str], ...]  # argument slot 0..5 -> register holding it here
 
 
-#: Recording at the function's entry: every argument still in its own register.
-ENTRY_RECORD = RecordPoint(offset=0, depth=0, registers=ARGUMENT_REGISTERS)
+#: Recording at the function's entry: every argument still in its own register (x86-64,
+#: what the x86 argument analysis starts from).
+ENTRY_RECORD = RecordPoint(offset=0, depth=0, registers=x86_registers.ARGUMENT_REGISTERS)
+#: The same, per machine.
+ENTRY_RECORDS: dict[str, RecordPoint] = {
+    arch.X86_64: ENTRY_RECORD,
+    arch.ARM64: RecordPoint(offset=0, depth=0, registers=arm64_registers.ARGUMENT_REGISTERS),
+}
+#: Register name -> ``struct pt_regs`` slot as the BPF side numbers it, per machine.
+REGISTER_SLOTS: dict[str, dict[str, int]] = {
+    arch.X86_64: {name: int(slot) for name, slot in x86_registers.PT_REGS_SLOT.items()},
+    arch.ARM64: arm64_registers.PT_REGS_SLOT,
+}
 
 
 @dataclass(frozen=True)

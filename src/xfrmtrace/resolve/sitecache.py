@@ -18,8 +18,7 @@ from typing import Any, Callable, Optional
 
 from xfrmtrace.bpf.abi import XT_ARG_STACK_MAX
 from xfrmtrace.kernel.view import KernelView
-from xfrmtrace.resolve.model import AuditEntry, RecordPoint, Resolution, Site
-from xfrmtrace.resolve.x86_registers import GPR64
+from xfrmtrace.resolve.model import REGISTER_SLOTS, AuditEntry, RecordPoint, Resolution, Site
 
 log = logging.getLogger("xfrmtrace.resolve.sitecache")
 
@@ -136,14 +135,18 @@ class SiteCache:
     def _site(self, obj: str, record: dict[str, Any], view: KernelView) -> Site:
         address = self._address(obj, record, view)
         fields = {k: v for k, v in record.items() if k != "address"}
-        fields["arg_regs"] = _registers(fields.get("arg_regs", ()))
+        known = REGISTER_SLOTS[view.machine]
+        for name in ("mib_reg", "net_reg"):
+            if fields.get(name) is not None and fields[name] not in known:
+                raise ValueError(f"bad {name} {fields[name]!r}")
+        fields["arg_regs"] = _registers(fields.get("arg_regs", ()), known)
         fields["arg_stack"] = _stack_offsets(fields.get("arg_stack", ()))
         points = fields.get("records", [])
         if not isinstance(points, list):
             raise ValueError(f"bad record point list {points!r}")
         fields["records"] = tuple(RecordPoint(offset=_int(point["offset"]),
                                               depth=_int(point["depth"]),
-                                              registers=_registers(point["registers"]))
+                                              registers=_registers(point["registers"], known))
                                   for point in points)
         site = Site(address=address, **fields)
         self._check_instruction(site, view)
@@ -160,12 +163,13 @@ class SiteCache:
             raise ValueError(f"instruction at {site.label} differs from the cached one")
 
 
-def _registers(value: Any) -> tuple[Optional[str], ...]:
-    """A cached argument-slot -> register list, checked: it ends up in BPF maps."""
+def _registers(value: Any, known: dict[str, int]) -> tuple[Optional[str], ...]:
+    """A cached argument-slot -> register list, checked against the machine's ``known``
+    registers (no stack pointer among them): it ends up in BPF maps."""
     if not isinstance(value, list) or len(value) not in (0, 6):
         raise ValueError(f"bad register list {value!r}")
     for name in value:
-        if name is not None and (name not in GPR64 or name == "rsp"):
+        if name is not None and name not in known:
             raise ValueError(f"bad register {name!r}")
     return tuple(value)
 

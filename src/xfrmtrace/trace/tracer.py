@@ -17,12 +17,19 @@ from typing import Callable, Optional
 
 from xfrmtrace.bpf import abi
 from xfrmtrace.bpf.objects import BpfObject, Link, RingBuffer, kprobe_pmu_available
-from xfrmtrace.resolve.model import FunctionArgs, Site
-from xfrmtrace.resolve.x86_registers import PT_REGS_SLOT
+from xfrmtrace.kernel import arch
+from xfrmtrace.resolve.model import REGISTER_SLOTS, FunctionArgs, Site
 
 log = logging.getLogger("xfrmtrace.trace.tracer")
 
-BPF_OBJECT = Path(__file__).parents[1] / "bpf" / "xfrm.bpf.o"
+
+def bpf_object(machine: str) -> Path:
+    """The BPF object built for ``machine`` (``uname -m`` spelling; Makefile BPF_OBJS)."""
+    return Path(__file__).parents[1] / "bpf" / f"xfrm.{machine}.bpf.o"
+
+
+#: The object for the machine this runs on.
+BPF_OBJECT = bpf_object(arch.running_machine())
 
 # With IBT (CONFIG_X86_KERNEL_IBT) a kprobe on a function's first byte is
 # moved past the 4-byte endbr64, so entry probes may report either address.
@@ -79,10 +86,15 @@ class Tracer:
     event still queued from before the unload decodes to the right site.
     """
 
-    def __init__(self, config: TraceConfig, object_path: Path = BPF_OBJECT) -> None:
+    def __init__(self, config: TraceConfig, machine: Optional[str] = None,
+                 object_path: Optional[Path] = None) -> None:
+        """``machine``: whose kernel (``uname -m`` spelling), default this one's."""
+        machine = machine or arch.running_machine()
         self.config = config
         self.sites: dict[int, Site] = {}  # site_id -> site, as the decoder reads it
-        self._object_path = object_path
+        self._machine = machine
+        self._slots = REGISTER_SLOTS[machine]
+        self._object_path = object_path or bpf_object(machine)
         self._obj: Optional[BpfObject] = None
         self._ring: Optional[RingBuffer] = None
         self._site_ids: dict[tuple[str, str, int], int] = {}
@@ -185,9 +197,11 @@ class Tracer:
         for point in func.records:
             entry = abi.XtEntryInfo(depth=point.depth, func_id=func_id)
             for slot in range(len(entry.arg_reg)):
-                entry.arg_reg[slot] = _register_number(point.registers, slot)
+                entry.arg_reg[slot] = self._register_number(point.registers, slot)
             address = func.address + point.offset
-            addresses = [address, address + _ENDBR64_SIZE] if point.offset == 0 else [address]
+            addresses = [address]
+            if point.offset == 0 and self._machine == arch.X86_64:
+                addresses.append(address + _ENDBR64_SIZE)
             for address in addresses:
                 entries.update(_u64(address), bytes(entry))
                 self._addresses.setdefault(func.object, []).append(("entries", address))
@@ -206,11 +220,12 @@ class Tracer:
             site_id=site_id,
             counter=site.counter_index,
             func_id=self._func_ids.get((site.object, site.entry_function or ""), 0xFFFFFFFF),
-            mib_reg=PT_REGS_SLOT[site.mib_reg],
-            net_reg=PT_REGS_SLOT.get(site.net_reg or "", abi.XT_NO_REG),
+            mib_bias=site.mib_bias,
+            mib_reg=self._slots[site.mib_reg],
+            net_reg=self._slots.get(site.net_reg or "", abi.XT_NO_REG),
         )
         for slot in range(len(info.arg_reg)):
-            info.arg_reg[slot] = _register_number(site.arg_regs, slot)
+            info.arg_reg[slot] = self._register_number(site.arg_regs, slot)
             stack = site.arg_stack[slot] if slot < len(site.arg_stack) else None
             if info.arg_reg[slot] == abi.XT_NO_REG and stack is not None:
                 info.arg_reg[slot] = abi.XT_ARG_IN_STACK
@@ -218,6 +233,11 @@ class Tracer:
         self._obj.map("sites").update(_u64(site.address), bytes(info))
         self._addresses.setdefault(site.object, []).append(("sites", site.address))
         return True
+
+    def _register_number(self, registers: tuple[Optional[str], ...], slot: int) -> int:
+        """The BPF side's number of ``registers[slot]``, or XT_NO_REG when there is none."""
+        name = registers[slot] if slot < len(registers) else None
+        return self._slots.get(name or "", abi.XT_NO_REG)
 
     def _keep(self, obj: str, link: Link) -> None:
         self._links.setdefault(obj, []).append(link)
@@ -307,12 +327,6 @@ def _attach(prog, function: str, offset: int, address: int, by_address: bool) ->
     if by_address:
         return prog.attach_kprobe(None, address)
     return prog.attach_kprobe(function, offset)
-
-
-def _register_number(registers: tuple[Optional[str], ...], slot: int) -> int:
-    """enum xt_reg of ``registers[slot]``, or XT_NO_REG when there is none."""
-    name = registers[slot] if slot < len(registers) else None
-    return PT_REGS_SLOT.get(name or "", abi.XT_NO_REG)
 
 
 def _power_of_two(n: int) -> int:
