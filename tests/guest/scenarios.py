@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from vmlab.guest import ipsec, nsutil
 from vmlab.guest.ipsec import Lab, LabConfig
@@ -83,12 +83,16 @@ class Context:
     """Hands out labs (kept alive until :meth:`close`) and records what each one did."""
 
     def __init__(self, ns_prefix: str, count: int,
-                 module_attached: Optional[Callable[[str], Optional[float]]] = None) -> None:
+                 module_attached: Optional[Callable[[str], Optional[float]]] = None,
+                 netns_followed: Optional[Callable[[Sequence[str]], None]] = None) -> None:
         """``module_attached(name)``: wait until the tracer has attached to a module that
-        was just loaded (seconds, None on timeout); absent when no tracer runs."""
+        was just loaded (seconds, None on timeout); ``netns_followed(namespaces)``: wait
+        until it follows the SAD/SPD of a lab's namespaces; both absent when no tracer
+        runs."""
         self.ns_prefix = ns_prefix
         self.count = count
         self.module_attached = module_attached
+        self.netns_followed = netns_followed
         self.labs: List[Lab] = []
         self.record: Dict[str, Any] = {"labs": []}
 
@@ -109,7 +113,7 @@ class Context:
     def lab(self, **config: Any) -> Lab:
         n = len(self.labs)
         lab = Lab(LabConfig(ns_a=f"{self.ns_prefix}-{n}a", ns_b=f"{self.ns_prefix}-{n}b",
-                            **config))
+                            **config), when_set_up=self.netns_followed)
         self.labs.append(lab)
         return lab
 

@@ -26,7 +26,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tests.guest import scenarios
 from vmlab.guest import ipsec
@@ -40,6 +40,7 @@ from vmlab.guest.tool import (
     loaded_modules,
     peak_rss_kib,
     scrape_metrics,
+    wait_followed,
     xfrmtrace,
 )
 
@@ -59,14 +60,15 @@ def late_module_phase(tool: Tool) -> Dict[str, Any]:
 
 
 def run_scenarios(names: List[str], count: int,
-                  module_attached: Optional[Callable[[str], Optional[float]]] = None
+                  module_attached: Optional[Callable[[str], Optional[float]]] = None,
+                  netns_followed: Optional[Callable[[Sequence[str]], None]] = None
                   ) -> tuple[Dict[str, Any], list]:
-    """Every scenario in its own namespaces; ``module_attached``: see scenarios.Context."""
+    """Every scenario in its own namespaces; the callbacks: see scenarios.Context."""
     counters = set(ipsec.parse_xfrm_stat(Path("/proc/net/xfrm_stat").read_text()))
     records: Dict[str, Any] = {}
     contexts = []
     for n, name in enumerate(names):
-        ctx = scenarios.Context(f"s{n}", count, module_attached)
+        ctx = scenarios.Context(f"s{n}", count, module_attached, netns_followed)
         contexts.append((name, ctx))
         records[name] = scenarios.run_one(scenarios.SCENARIOS[name], ctx, counters)
     time.sleep(1.0)
@@ -113,7 +115,8 @@ def run(out: Path, names: List[str], count: int, extra: List[str], output: str =
         if ready:
             t0 = time.monotonic()
             results["scenarios"], contexts = run_scenarios(
-                names, count, lambda module: tool.wait_for_status(f"Module {module} loaded"))
+                names, count, lambda module: tool.wait_for_status(f"Module {module} loaded"),
+                wait_followed)
             results["scenario_seconds"] = round(time.monotonic() - t0, 1)
             results["metrics"] = scrape_metrics()
             results["kprobes_while_tracing"] = kprobes()

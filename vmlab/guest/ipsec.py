@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from vmlab.guest import nsutil, xfrm_netlink
 
@@ -252,8 +252,12 @@ class Lab:
     can drop or alter one SA/policy (``setup(sas=[...])``) instead of re-implementing setup.
     """
 
-    def __init__(self, config: Optional[LabConfig] = None) -> None:
+    def __init__(self, config: Optional[LabConfig] = None,
+                 when_set_up: Optional[Callable[[Sequence[str]], None]] = None) -> None:
+        """``when_set_up(namespaces)`` runs after every :meth:`setup` (the tracer's harness
+        waits there until the tool follows the new namespaces)."""
         self.cfg = config or LabConfig()
+        self._when_set_up = when_set_up
         self._sockets: List[socket.socket] = []
 
     def keep(self, sock: socket.socket) -> None:
@@ -323,6 +327,8 @@ class Lab:
         for item in items:
             if item.over_netlink:
                 item.install(c.mark, c.mask)
+        if self._when_set_up is not None:
+            self._when_set_up((c.ns_a, c.ns_b))
 
     def create_network(self) -> None:
         """Namespaces, veth pair, addresses, mark-reflection sysctls and the inbound marking."""

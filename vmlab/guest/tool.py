@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 READY_TIMEOUT = 600.0
 METRICS_ADDR = "127.0.0.1:9477"
@@ -44,6 +44,37 @@ def xfrmtrace() -> List[str]:
     checkout on PYTHONPATH)."""
     script = Path(sys.executable).parent / "xfrmtrace"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "xfrmtrace"]
+
+
+#: NETLINK_XFRM in /proc/net/netlink's Eth column.
+NETLINK_XFRM = 6
+FOLLOW_TIMEOUT = 20.0
+
+
+def follows_xfrm(ns: str) -> bool:
+    """True when namespace ``ns`` has a NETLINK_XFRM socket subscribed to a multicast group:
+    the tool's listener (``ip xfrm`` and the lab open unsubscribed ones only)."""
+    proc = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netlink"],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines()[1:]:
+        fields = line.split()  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+        if len(fields) > 3 and fields[1] == str(NETLINK_XFRM) and int(fields[3], 16):
+            return True
+    return False
+
+
+def wait_followed(namespaces: Sequence[str], timeout: float = FOLLOW_TIMEOUT) -> None:
+    """Wait until the tool follows the SAD/SPD of every one of ``namespaces``.  It finds a
+    new namespace on its next rescan of /run/netns (context/xfrmnl/listener.py RESCAN_S),
+    and a lab that deletes an SA before then leaves it nothing to explain with."""
+    deadline = time.monotonic() + timeout
+    pending = list(namespaces)
+    while pending:
+        pending = [ns for ns in pending if not follows_xfrm(ns)]
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"the tool never followed namespaces {', '.join(pending)}")
+        if pending:
+            time.sleep(0.1)
 
 
 def loaded_modules() -> List[str]:

@@ -43,14 +43,14 @@ QEMU = "qemu-system-aarch64"
 #: The user space the tool and the guest scripts need (python3's version is the suite's:
 #: 3.13 in trixie, which :data:`PYTHON_VERSION` must match for the wheels).
 ROOT_PACKAGES = ("python3", "libbpf1", "iproute2", "iptables", "kmod", "busybox-static",
-                 "iputils-ping", "procps")
+                 "iputils-ping", "procps", "bpftool")
 PYTHON_VERSION = "3.13"
 WHEEL_PLATFORM = "manylinux2014_aarch64"
 #: Module directories of the kernel copied into the initramfs (the rest: GPUs, storage...).
 MODULE_DIRS = ("kernel/net", "kernel/crypto", "kernel/lib", "kernel/fs", "kernel/arch",
                "kernel/drivers/net")
 SITE_DIR = "/opt/xfrmtrace/site"
-ROOT_FORMAT = 3  # bump when ROOT_PACKAGES, the wheels or INIT change
+ROOT_FORMAT = 4  # bump when ROOT_PACKAGES, the wheels or INIT change
 REPO = Path(__file__).resolve().parents[2]
 CONSTRAINTS = REPO / "dist-requirements.txt"
 RUNTIME_PACKAGES = ("capstone", "pyelftools", "pyroute2", "prometheus-client")

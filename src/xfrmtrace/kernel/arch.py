@@ -1,9 +1,8 @@
 """The machine a kernel runs on, and what xfrmtrace can do there.
 
-Two instruction sets have a site resolver: x86-64 (resolve/sites.py) and arm64
-(resolve/arm64_sites.py).  Tracing (BPF object, register layout) is x86-64 only so far; on
-arm64 ``xfrmtrace sites`` already resolves and audits every counter site.  Anything else gets
-one line saying so, before any file or kernel object is touched.
+Two instruction sets have a site resolver (x86-64: resolve/sites.py, arm64:
+resolve/arm64_sites.py) and a BPF object (``xfrm.<machine>.bpf.o``, trace/tracer.py).
+Anything else gets one line saying so, before any file or kernel object is touched.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from xfrmtrace.errors import InputError, KernelFeatureMissing
 
 X86_64 = "x86_64"
 ARM64 = "aarch64"
-#: Machines whose kernel text the resolver reads (``uname -m`` spelling).
-RESOLVABLE = (X86_64, ARM64)
-#: Machines the tracer can attach on.
-TRACEABLE = (X86_64, ARM64)
+#: Machines whose kernel text the resolver reads and the tracer attaches on (``uname -m``
+#: spelling).
+SUPPORTED = (X86_64, ARM64)
 _ELF_MACHINES = {62: X86_64, 183: ARM64}  # e_machine: EM_X86_64, EM_AARCH64
 _UNAME_ALIASES = {"arm64": ARM64, "amd64": X86_64}
 
@@ -29,21 +27,12 @@ def running_machine() -> str:
     return _UNAME_ALIASES.get(machine, machine)
 
 
-def require_resolvable(machine: str) -> None:
-    """KernelFeatureMissing (one line) unless the resolver knows ``machine``'s code."""
-    if machine not in RESOLVABLE:
+def require_supported(machine: str) -> None:
+    """KernelFeatureMissing (one line) unless xfrmtrace knows ``machine``."""
+    if machine not in SUPPORTED:
         raise KernelFeatureMissing(
             f"unsupported architecture {machine}: xfrmtrace reads x86-64 and arm64 kernel "
             "code only")
-
-
-def require_traceable(machine: str) -> None:
-    """KernelFeatureMissing (one line) unless the tracer can attach on ``machine``."""
-    require_resolvable(machine)
-    if machine not in TRACEABLE:
-        raise KernelFeatureMissing(
-            f"tracing on {machine} is not supported yet (x86-64 only); `xfrmtrace sites` "
-            "lists and audits this kernel's counter sites")
 
 
 def elf_machine(stream: BinaryIO, name: str) -> str:

@@ -122,7 +122,7 @@ def vmlinux_machine(path: Union[str, Path]) -> str:
             machine = arch.elf_machine(stream, str(path))
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror}") from err
-    arch.require_resolvable(machine)
+    arch.require_supported(machine)
     return machine
 
 

@@ -13,6 +13,9 @@ from typing import Iterable, Optional
 
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 _REFRESH_SECONDS = 2.0  # namespaces come and go: names are rescanned this often
+# An inode not seen yet is most often a namespace made since the last scan (a pod that fails
+# at once): a miss rescans, at most this often, so a storm of unnamed ones costs little.
+_MISS_RESCAN_SECONDS = 0.1
 
 
 class NetnsNames:
@@ -26,7 +29,9 @@ class NetnsNames:
 
     def name(self, inode: int) -> Optional[str]:
         # Rescan periodically even on hits: a deleted namespace's inode can be reused.
-        if time.monotonic() - self._scanned_at >= _REFRESH_SECONDS:
+        age = time.monotonic() - self._scanned_at
+        if age >= _REFRESH_SECONDS or (inode not in self._names and inode != self.host_inode
+                                       and age >= _MISS_RESCAN_SECONDS):
             self.refresh()
         return self._names.get(inode)
 

@@ -83,7 +83,7 @@ def check_xfrm_statistics() -> None:
 
 def check_tracing() -> None:
     """Everything ``xfrmtrace trace`` needs, most fundamental first."""
-    arch.require_traceable(arch.running_machine())
+    arch.require_supported(arch.running_machine())
     check_privileges()
     check_kprobes()
     check_btf()

@@ -83,7 +83,7 @@ def open_live(host_proc: Path = HOST_PROC) -> KernelView:
     """
     started = time.monotonic()
     machine = arch.running_machine()
-    arch.require_resolvable(machine)
+    arch.require_supported(machine)
     btf = Btf.vmlinux()
     try:
         model = kernel_model(btf, counters_mod.read_proc_names())
