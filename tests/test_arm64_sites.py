@@ -24,7 +24,7 @@ import pytest
 from xfrmtrace.kernel.kallsyms import Kallsyms
 from xfrmtrace.kernel.ktext import open_vmlinux
 from xfrmtrace.resolve.arm64_sites import Arm64SiteResolver
-from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM
+from xfrmtrace.resolve.model import DOUBTFUL, OTHER, UNPROBEABLE, XFRM
 
 BASE = 0xFFFF800080010000
 MIB_OFFSET = 0x1D0
@@ -51,6 +51,8 @@ WORDS = {
     "ldadd x2, x4, [x0]": 0xF8220004,
     "nop": 0xD503201F,
     "ret": 0xD65F03C0,
+    "casa w1, w0, [x24]": 0x88E17F00,  # a spin_lock's compare-and-swap (load-acquire class)
+    "stlrb wzr, [x0]": 0x089FFC1F,  # its unlock (store-release: ends an atomic context)
 }
 LLSC = ["ldxr x4, [x0]", "add x4, x4, x2", "stxr w3, x4, [x0]", "cbnz w3, back to the ldxr"]
 LSE = ["stadd x2, [x0]", "nop", "nop", "nop"]
@@ -103,6 +105,26 @@ def test_each_form_gives_the_same_site(atomic) -> None:
     (entry,) = result.audit
     assert entry.classification == XFRM and entry.offset == 0x14  # the atomic itself
     assert "probed at f+0x10" in entry.reason and "x86-64 only" in entry.reason
+
+
+@pytest.mark.parametrize("between, probed", [
+    ([], False),  # the whole funnel follows the casa: the kernel refuses every probe there
+    (["stlrb wzr, [x0]"], True),  # a store-release ends the atomic context it sees
+    (["nop"] * 27, False),  # the funnel's last instruction is the 32nd after the casa
+    (["nop"] * 28, True),  # the 33rd: out of the kernel's 32-instruction look-back
+])
+def test_no_probe_where_the_kernel_sees_an_atomic_context(between, probed) -> None:
+    """arch/arm64/kernel/probes/decode-insn.c refuses a kprobe that follows a load-exclusive
+    class instruction (casa counts) within 32 instructions, with no store-exclusive between:
+    the site goes where the kernel accepts it, or is unprobeable, never a failed attach."""
+    result = Code(["casa w1, w0, [x24]", *between, *PROLOGUE, *LSE, "ret"]).resolve()
+    (entry,) = [e for e in result.audit if e.classification != OTHER]
+    if probed:
+        (site,) = result.sites
+        assert site.offset == 4 * (len(between) + 1) + 0x10 and entry.classification == XFRM
+    else:
+        assert result.sites == [] and entry.classification == UNPROBEABLE
+        assert entry.counter == "XfrmInBufferError" and "is_probed_address_atomic" in entry.reason
 
 
 def test_vhe_reads_the_per_cpu_offset_from_tpidr_el2() -> None:
@@ -244,6 +266,11 @@ def test_debian_arm64_kernel_as_shipped_and_as_patched(debian_arm64) -> None:
           f"{applied} alternatives of {caps} capabilities applied")
     assert caps == 2 and applied > 1000
     assert by_class[DOUBTFUL] == 0
+    # The two increments in xfrm_input's spin_locked region (the kernel refused both probes
+    # in the arm64 VM lab with EINVAL before the resolver knew its rule).
+    assert sorted((e.function, e.counter) for e in shipped.audit
+                  if e.classification == UNPROBEABLE) == [
+        ("xfrm_input", "XfrmInStateInvalid"), ("xfrm_input", "XfrmInStateMismatch")]
     assert not [e for e in patched.audit if e.classification == DOUBTFUL]
 
     def key(s):

@@ -448,6 +448,7 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
     from xfrmtrace.kernel.modules import ModuleWatcher
     from xfrmtrace.output import summary as summary_out
     from xfrmtrace.resolve import discovery
+    from xfrmtrace.resolve.model import UNPROBEABLE
     from xfrmtrace.session import SessionOptions, TraceSession
 
     options = SessionOptions(
@@ -476,6 +477,10 @@ def _trace(args: argparse.Namespace, out: TextIO, status_stream: TextIO,
                 "no XFRM counter increment sites found in kernel text: run `xfrmtrace sites "
                 "--audit` to see why (another tracer's kprobes on them hide them from a first "
                 "scan: start xfrmtrace before it, or keep its --cache-dir)")
+        for entry in resolution.audit:
+            if entry.classification == UNPROBEABLE:
+                status(f"warning: cannot count {entry.counter} at {entry.function}+"
+                       f"{entry.offset:#x}: {entry.reason}")
         session = TraceSession(view, resolution.sites, options, out, status, modules, cache,
                                pcap=pcap, metrics=metrics)
         deadline = time.monotonic() + args.duration if args.duration else None

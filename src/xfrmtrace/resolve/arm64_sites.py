@@ -25,12 +25,17 @@ the value added must be 1 (arm64_code.Term).
 take an exception between the exclusive load and store, which clears the exclusive monitor,
 so the store fails and the loop never ends (the kernel refuses such probes:
 arch/arm64/kernel/probes/decode-insn.c, ``aarch64_insn_is_exclusive``); it also refuses
-``mrs``.  The probe goes on the last probeable instruction of the straight-line code that
-falls into the atomic, when the atomic is entered only from there (and, LL/SC, from its own
-retry branch): that instruction runs exactly once per increment, in both forms, at the same
-address, so sites resolved offline from a vmlinux file (LL/SC) and live from kcore (LSE)
-agree.  The pointer compared with each namespace's ``net->mib.xfrm_statistics`` is a register
-that holds it, plus the counter's offset (``Site.mib_bias``), at that instruction.
+``mrs``, and any instruction that follows a load-exclusive class instruction (which includes
+``ldar`` and LSE ``casa``) within 32 instructions with no store-exclusive between
+(``is_probed_address_atomic``).  The probe goes on the last probeable instruction of the
+straight-line code that falls into the atomic, when the atomic is entered only from there
+(and, LL/SC, from its own retry branch): that instruction runs exactly once per increment,
+in both forms, at the same address, so sites resolved offline from a vmlinux file (LL/SC)
+and live from kcore (LSE) agree.  The pointer compared with each namespace's
+``net->mib.xfrm_statistics`` is a register that holds it, plus the counter's offset
+(``Site.mib_bias``), at that instruction.  An increment whose every such instruction the
+kernel refuses (Debian 6.12's ``xfrm_input`` increments two counters right after its
+``spin_lock``, a ``casa``) is classified ``unprobeable``: no kprobe can count it exactly.
 
 Argument recovery (argregs.py) is x86-only: arm64 sites read their function's arguments from
 a record at the entry (the conservative rule), and ``--audit`` says so per site.
@@ -47,7 +52,7 @@ import capstone
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.resolve.arm64_code import INSN_BYTES, FunctionCode, Term, xreg
-from xfrmtrace.resolve.model import DOUBTFUL, OTHER, XFRM, Resolution
+from xfrmtrace.resolve.model import DOUBTFUL, OTHER, UNPROBEABLE, XFRM, Resolution
 from xfrmtrace.resolve.sites import CounterScan, ReadText
 
 # Little-endian words, matched at any byte (aligned ones kept): 64-bit LDXR Xt, [Xn]
@@ -62,6 +67,15 @@ _LDR_X_IMM_MASK = 0xFFC00000
 _UNPROBEABLE = re.compile(r"(mrs|msr|ld[a]?xr|st[l]?xr|ld[a]?xp|st[l]?xp|svc|hvc|smc|brk|hlt|"
                           r"eret|wfe|wfi|sev|sevl|yield|clrex)[bhw]?$")
 ENTRY_RECORD_NOTE = "arguments recorded at the function's entry (argument analysis: x86-64 only)"
+# arch/arm64/kernel/probes/decode-insn.c refuses a probe on any instruction of the
+# load/store-exclusive class (aarch64_insn_is_exclusive: ldxr, stxr, but also ldar, stlr and
+# LSE cas*), and one inside what it takes for an exclusive sequence: scanning back from the
+# probe, at most 32 instructions and not past the symbol's start, it meets a load form of
+# that class (aarch64_insn_is_load_ex, which matches casa and ldar too) before a store form.
+_EXCLUSIVE_CLASS = (0x3F000000, 0x08000000)
+_LOAD_EX = (0x3F400000, 0x08400000)
+_STORE_EX = (0x3F400000, 0x08000000)
+_ATOMIC_CONTEXT_WORDS = 32  # MAX_ATOMIC_CONTEXT_SIZE: 128 bytes
 
 
 class Arm64SiteResolver(CounterScan):
@@ -131,13 +145,45 @@ class Arm64SiteResolver(CounterScan):
         if kind != XFRM:
             result.audit.append(self._entry(insn.address, kind, why))
             return
-        probes = _probe_points(code, i, single=len(terms) == 1)
+        single = len(terms) == 1
+        probes = _probe_points(code, i, single, self._kprobe_accepts(code))
         if probes is None:
+            if _probe_points(code, i, single, lambda j: not _UNPROBEABLE.match(
+                    code.insns[j].mnemonic)) is not None:
+                result.audit.append(self._entry(
+                    insn.address, UNPROBEABLE, "XFRM counter, but the kernel refuses a kprobe "
+                    "on every instruction that runs once per increment: each comes within 32 "
+                    "instructions after a load-exclusive class one (ldxr, ldar, LSE casa) "
+                    "with no store-exclusive between (arch/arm64/kernel/probes/decode-insn.c,"
+                    " is_probed_address_atomic)", self._counters.get(
+                        next(iter(terms)).offset // 8) if single else None))
+                return
             result.audit.append(self._entry(insn.address, DOUBTFUL, "XFRM counter, but no "
                                             "probeable instruction runs once per increment"))
             return
         for probe, via in probes:
             self._classify_path(code, i, shape, probe, via, parent, offsets, result)
+
+    def _kprobe_accepts(self, code: FunctionCode):  # -> Callable[[int], bool]
+        """Whether the kernel takes a kprobe on instruction j of ``code``: not an
+        unsteppable mnemonic, nothing the atomic-context rule refuses (_EXCLUSIVE_CLASS)."""
+        def accepts(j: int) -> bool:
+            insn = code.insns[j]
+            if _UNPROBEABLE.match(insn.mnemonic):
+                return False
+            func = self._syms.lookup(insn.address)
+            start = max(func.start if func else insn.address,
+                        insn.address - _ATOMIC_CONTEXT_WORDS * INSN_BYTES)
+            words = array("I", self._read(start, insn.address + INSN_BYTES - start))
+            if _matches(words[-1], _EXCLUSIVE_CLASS):
+                return False
+            for word in reversed(words[:-1]):
+                if _matches(word, _STORE_EX):
+                    return True
+                if _matches(word, _LOAD_EX):
+                    return False
+            return True
+        return accepts
 
     def _classify_path(self, code: FunctionCode, i: int, shape: tuple[str, int, object],
                        probe: int, via: Optional[tuple[int, int]], parent: str,
@@ -233,8 +279,8 @@ def _provenance(terms: set[Term]) -> tuple[str, str]:
         t.other if t.other else f"mib={t.mib} cpu={t.cpu} +{t.offset:#x}" for t in terms))
 
 
-def _probe_points(code: FunctionCode, i: int,
-                  single: bool) -> Optional[list[tuple[int, Optional[tuple[int, int]]]]]:
+def _probe_points(code: FunctionCode, i: int, single: bool,
+                  probeable) -> Optional[list[tuple[int, Optional[tuple[int, int]]]]]:
     """Where to probe the atomic at i: (instruction, ``via`` for FunctionCode.values) per
     path, each running exactly once per increment on its paths; None if there is none.
 
@@ -243,20 +289,21 @@ def _probe_points(code: FunctionCode, i: int,
     block before it, if that is the only way in.  With one counter on every path
     (``single``) the funnel's last probeable instruction serves all; otherwise each
     predecessor of the funnel that leads only into it gets its own probe, on its last
-    probeable instruction, and its paths their own counter."""
+    probeable instruction, and its paths their own counter.  ``probeable(j)``: the kernel
+    takes a kprobe on instruction j."""
     funnel = _funnel(code, i)
     if funnel is None:
         return None
     n, last = funnel
     block = code.blocks[n]
     if single:
-        own = _last_probeable(code, block.first, last)
+        own = _last_probeable(code, block.first, last, probeable)
         if own is not None:
             return [(own, None)]
     probes: list[tuple[int, Optional[tuple[int, int]]]] = []
     for p in block.preds:
         pred = code.blocks[p]
-        probe = _last_probeable(code, pred.first, pred.last)
+        probe = _last_probeable(code, pred.first, pred.last, probeable)
         if p == n or pred.succs != [n] or probe is None:
             return None
         probes.append((probe, (n, p)))
@@ -279,11 +326,15 @@ def _funnel(code: FunctionCode, i: int) -> Optional[tuple[int, int]]:
     return before, i - 1
 
 
-def _last_probeable(code: FunctionCode, first: int, last: int) -> Optional[int]:
+def _last_probeable(code: FunctionCode, first: int, last: int, probeable) -> Optional[int]:
     for j in range(last, first - 1, -1):
-        if not _UNPROBEABLE.match(code.insns[j].mnemonic):
+        if probeable(j):
             return j
     return None
+
+
+def _matches(word: int, mask_value: tuple[int, int]) -> bool:
+    return word & mask_value[0] == mask_value[1]
 
 
 def _mib_register(code: FunctionCode, probe: int, mib_offset: int,

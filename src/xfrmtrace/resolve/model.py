@@ -160,6 +160,9 @@ def argument_sources(site: Site, args: Optional[FunctionArgs]) -> dict[str, str]
 XFRM = "xfrm"
 OTHER = "other"
 DOUBTFUL = "doubtful"
+# An XFRM counter increment no kprobe can count exactly on this kernel (arm64: every
+# instruction that runs once per increment is one the kernel refuses to probe).
+UNPROBEABLE = "unprobeable"
 
 
 @dataclass
@@ -171,7 +174,7 @@ class AuditEntry:
     offset: int
     address: int
     instruction: str
-    classification: str  # XFRM, OTHER or DOUBTFUL
+    classification: str  # XFRM, OTHER, DOUBTFUL or UNPROBEABLE
     reason: str
     counter: Optional[str] = None
 
