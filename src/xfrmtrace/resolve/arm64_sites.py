@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import Optional
+from typing import Callable, Optional
 
 import capstone
 
@@ -164,7 +164,7 @@ class Arm64SiteResolver(CounterScan):
         for probe, via in probes:
             self._classify_path(code, i, shape, probe, via, parent, offsets, result)
 
-    def _kprobe_accepts(self, code: FunctionCode):  # -> Callable[[int], bool]
+    def _kprobe_accepts(self, code: FunctionCode) -> Callable[[int], bool]:
         """Whether the kernel takes a kprobe on instruction j of ``code``: not an
         unsteppable mnemonic, nothing the atomic-context rule refuses (_EXCLUSIVE_CLASS)."""
         def accepts(j: int) -> bool:
@@ -174,8 +174,9 @@ class Arm64SiteResolver(CounterScan):
             func = self._syms.lookup(insn.address)
             start = max(func.start if func else insn.address,
                         insn.address - _ATOMIC_CONTEXT_WORDS * INSN_BYTES)
-            words = array("I", self._read(start, insn.address + INSN_BYTES - start))
-            if _matches(words[-1], _EXCLUSIVE_CLASS):
+            data = self._read(start, insn.address + INSN_BYTES - start)
+            words = array("I", data[:len(data) - len(data) % INSN_BYTES])
+            if not words or _matches(words[-1], _EXCLUSIVE_CLASS):
                 return False
             for word in reversed(words[:-1]):
                 if _matches(word, _STORE_EX):
@@ -279,8 +280,11 @@ def _provenance(terms: set[Term]) -> tuple[str, str]:
         t.other if t.other else f"mib={t.mib} cpu={t.cpu} +{t.offset:#x}" for t in terms))
 
 
+ProbePoints = list[tuple[int, Optional[tuple[int, int]]]]  # (instruction, via) per path
+
+
 def _probe_points(code: FunctionCode, i: int, single: bool,
-                  probeable) -> Optional[list[tuple[int, Optional[tuple[int, int]]]]]:
+                  probeable: Callable[[int], bool]) -> Optional[ProbePoints]:
     """Where to probe the atomic at i: (instruction, ``via`` for FunctionCode.values) per
     path, each running exactly once per increment on its paths; None if there is none.
 
@@ -300,7 +304,7 @@ def _probe_points(code: FunctionCode, i: int, single: bool,
         own = _last_probeable(code, block.first, last, probeable)
         if own is not None:
             return [(own, None)]
-    probes: list[tuple[int, Optional[tuple[int, int]]]] = []
+    probes: ProbePoints = []
     for p in block.preds:
         pred = code.blocks[p]
         probe = _last_probeable(code, pred.first, pred.last, probeable)
@@ -326,7 +330,8 @@ def _funnel(code: FunctionCode, i: int) -> Optional[tuple[int, int]]:
     return before, i - 1
 
 
-def _last_probeable(code: FunctionCode, first: int, last: int, probeable) -> Optional[int]:
+def _last_probeable(code: FunctionCode, first: int, last: int,
+                    probeable: Callable[[int], bool]) -> Optional[int]:
     for j in range(last, first - 1, -1):
         if probeable(j):
             return j
