@@ -255,10 +255,7 @@ def run_in_vm(
     missing = missing_requirements()
     if missing:
         raise vm.VmLabUnavailable("arm64 VM lab unavailable: missing " + "; ".join(missing))
-    rwdir = Path(rwdir).resolve()
-    rwdir.mkdir(parents=True, exist_ok=True)
-    for name in (vm.OUTPUT_FILE, vm.STATUS_FILE):
-        (rwdir / name).unlink(missing_ok=True)
+    rwdir = vm.prepare_rwdir(rwdir)
     workdir = Path(cwd or os.getcwd()).resolve()
     guest_env = {"PYTHONPATH": f"{workdir}/src:{SITE_DIR}", **dict(env or {})}
     script = rwdir / vm.SCRIPT_FILE
@@ -284,15 +281,7 @@ def run_in_vm(
 
     console = rwdir / vm.CONSOLE_FILE
     boot, seconds, timed_out = vm._boot(argv, dict(os.environ), rwdir, console, timeout, echo)
-    status_text = vm._read(rwdir / vm.STATUS_FILE).strip()
-    return vm.VmResult(
-        returncode=int(status_text) if status_text.lstrip("-").isdigit() else None,
-        output=vm._read(rwdir / vm.OUTPUT_FILE),
-        seconds=seconds,
-        boot_seconds=boot,
-        timed_out=timed_out,
-        console_log=console,
-    )
+    return vm.collect_result(rwdir, console, boot, seconds, timed_out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

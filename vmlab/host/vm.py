@@ -240,10 +240,7 @@ def run_in_vm(
         raise VmLabUnavailable("VM lab unavailable: missing " + "; ".join(missing))
     vng = find_vng()
     assert vng is not None
-    rwdir = Path(rwdir).resolve()
-    rwdir.mkdir(parents=True, exist_ok=True)
-    for name in (OUTPUT_FILE, STATUS_FILE):
-        (rwdir / name).unlink(missing_ok=True)
+    rwdir = prepare_rwdir(rwdir)
     script = rwdir / SCRIPT_FILE
     script.write_text(_guest_script(command, rwdir, Path(cwd or os.getcwd()).resolve(),
                                     dict(env or {})))
@@ -283,6 +280,21 @@ def run_in_vm(
         sys.stderr.write(f"vmlab: the {kernel.version} guest died while booting "
                          f"(console in {kept}); booting it again\n")
 
+    return collect_result(rwdir, console, boot, seconds, timed_out, boot_failures)
+
+
+def prepare_rwdir(rwdir: Path) -> Path:
+    """``rwdir`` resolved and created, without a previous run's output and exit status."""
+    rwdir = Path(rwdir).resolve()
+    rwdir.mkdir(parents=True, exist_ok=True)
+    for name in (OUTPUT_FILE, STATUS_FILE):
+        (rwdir / name).unlink(missing_ok=True)
+    return rwdir
+
+
+def collect_result(rwdir: Path, console: Path, boot: Optional[float], seconds: float,
+                   timed_out: bool, boot_failures: int = 0) -> VmResult:
+    """What the guest script left in ``rwdir``, with the run's timings."""
     status_text = _read(rwdir / STATUS_FILE).strip()
     return VmResult(
         returncode=int(status_text) if status_text.lstrip("-").isdigit() else None,

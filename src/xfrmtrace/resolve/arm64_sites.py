@@ -148,8 +148,7 @@ class Arm64SiteResolver(CounterScan):
         single = len(terms) == 1
         probes = _probe_points(code, i, single, self._kprobe_accepts(code))
         if probes is None:
-            if _probe_points(code, i, single, lambda j: not _UNPROBEABLE.match(
-                    code.insns[j].mnemonic)) is not None:
+            if _probe_points(code, i, single, lambda j: _steppable(code, j)) is not None:
                 result.audit.append(self._entry(
                     insn.address, UNPROBEABLE, "XFRM counter, but the kernel refuses a kprobe "
                     "on every instruction that runs once per increment: each comes within 32 "
@@ -168,9 +167,9 @@ class Arm64SiteResolver(CounterScan):
         """Whether the kernel takes a kprobe on instruction j of ``code``: not an
         unsteppable mnemonic, nothing the atomic-context rule refuses (_EXCLUSIVE_CLASS)."""
         def accepts(j: int) -> bool:
-            insn = code.insns[j]
-            if _UNPROBEABLE.match(insn.mnemonic):
+            if not _steppable(code, j):
                 return False
+            insn = code.insns[j]
             func = self._syms.lookup(insn.address)
             start = max(func.start if func else insn.address,
                         insn.address - _ATOMIC_CONTEXT_WORDS * INSN_BYTES)
@@ -336,6 +335,11 @@ def _last_probeable(code: FunctionCode, first: int, last: int,
         if probeable(j):
             return j
     return None
+
+
+def _steppable(code: FunctionCode, j: int) -> bool:
+    """Instruction j is one a kprobe may sit on by its kind alone (_UNPROBEABLE)."""
+    return not _UNPROBEABLE.match(code.insns[j].mnemonic)
 
 
 def _matches(word: int, mask_value: tuple[int, int]) -> bool:

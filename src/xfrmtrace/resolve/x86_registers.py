@@ -19,8 +19,6 @@ ARGUMENT_REGISTERS: tuple[str, ...] = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 CALLEE_SAVED: tuple[str, ...] = ("rbx", "rbp", "r12", "r13", "r14", "r15")
 #: Clobbered by a call.
 CALLER_SAVED = frozenset({"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"})
-#: Every 64-bit general purpose register: what a site or record point may name.
-GPR64 = frozenset({*CALLEE_SAVED, *CALLER_SAVED, "rsp"})
 #: Registers a value may be kept in (rsp excluded), callee-saved ones first: they survive calls.
 HOLDERS: tuple[str, ...] = (*CALLEE_SAVED, *ARGUMENT_REGISTERS, "r10", "r11", "rax")
 
