@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kallsyms of a running instance of that kernel (offline)")
     sites.add_argument("--audit", action="store_true",
                        help="list every per-CPU increment (x86-64: gs-relative; arm64: "
-                            "atomic add) with how it was classified")
+                            "atomic add) with how it was classified: xfrm, other, doubtful, "
+                            "or unprobeable (an XFRM counter increment the kernel lets no "
+                            "kprobe count exactly)")
 
     report = sub.add_parser("report", help="summarise saved JSON logs, across nodes",
                             description="Read logs written by `xfrmtrace --output json` (files, "
