@@ -2,54 +2,49 @@
 stack slots of its own frame, by a forward dataflow over the control-flow graph.
 
 Compilers keep an argument they need after a call in a callee-saved register, and when
-those run out they spill it: ``mov qword ptr [rsp + 0x18], r12`` and, later, ``mov r12,
-qword ptr [rsp + 0x18]``.  A site that needs the argument can read it from wherever it is
-at the site, which spares the function a recording probe (a hit on every call, healthy
-traffic included: argregs.py); where a recording probe is still needed, it can go at the
-latest points that still see the arguments in registers (:meth:`FrameFacts.record_points`).
+those run out they spill it (x86-64: ``mov qword ptr [rsp + 0x18], r12``, later ``mov r12,
+qword ptr [rsp + 0x18]``; arm64: ``str x1, [sp, #0x28]``, ``ldr x20, [sp, #0x28]``).  A
+site that needs the argument can read it from wherever it is at the site, which spares the
+function a recording probe (a hit on every call, healthy traffic included: argregs.py);
+where a recording probe is still needed, it can go at the latest points that still see the
+arguments in registers (:meth:`FrameFacts.record_points`).
 
 :class:`FrameFacts` computes, before every instruction, which locations provably hold
 which argument register's value at entry ("must" dataflow: a location counts only when it
 holds that value on every path).  Register copies and loads from a slot carry a value on,
 stores of a register put it into a slot; any other write to the location, or to bytes of
 the slot, ends it.  Nothing is proven when the control-flow graph may be incomplete
-(FunctionCode.sound_successors).
+(FunctionCode.sound_successors).  What one instruction does is the instruction set's part:
+x86_frame.py and arm64_frame.py subclass this with their ``step``.
 
 Stack slots need one more guarantee: nothing outside the function's own instructions may
-write them.  The kernel (x86-64) has no red zone and interrupts may use the current stack,
-so a slot counts only while it is inside the frame (at or above sp).  Callees and stores
-through pointers reach a frame only through an address taken from rsp (``lea rdi, [rsp +
-0x20]``); so a slot is tracked only when every address the function ever takes of its frame
-lies above it (a C object there cannot extend down over it), and the function never copies
-rsp itself into a register.  What remains assumed is C's rule that an object is not
-written below its start: a ``container_of`` from a pointer into a stack object back to an
-enclosing object that also holds the spilled value (compilers spill to slots no C object
-occupies), and an array element ``[rsp + idx*8 + 0x88]`` at or above its array's start.
+write them.  Neither kernel has a red zone (an interrupt may use the current stack below
+sp), so a slot counts only while it is inside the frame (at or above sp).  Callees and
+stores through pointers reach a frame only through an address taken from sp (x86 ``lea
+rdi, [rsp + 0x20]``, arm64 ``add x0, sp, #0x20``); so a slot is tracked only when every
+address the function ever takes of its frame lies above it (a C object there cannot extend
+down over it), and the function never hands out sp itself.  What remains assumed is C's
+rule that an object is not written below its start: a ``container_of`` from a pointer into
+a stack object back to an enclosing object that also holds the spilled value (compilers
+spill to slots no C object occupies), and an array element at or above its array's start.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
-
-from capstone import CS_AC_WRITE
-from capstone import x86_const as X86
+from typing import Optional, Protocol, Union
 
 from xfrmtrace.bpf.abi import XT_ARG_STACK_MAX
-from xfrmtrace.resolve.model import ENTRY_RECORD, POINTER_BYTES, RecordPoint
-from xfrmtrace.resolve.x86_code import FunctionCode
-from xfrmtrace.resolve.x86_registers import ARGUMENT_REGISTERS, HOLDERS, reg64
-
-# Instructions that use rsp without exposing it to anyone.
-_STACK_OPS = ("push", "pop", "call", "ret", "leave", "pushfq", "popfq")
+from xfrmtrace.resolve.model import POINTER_BYTES, RecordPoint
 
 # (argument register, n): the low n bytes of that argument's entry value (8: all of it).
 Value = tuple[str, int]
 # Location -> the value it holds.  A location is a register name, or a stack slot: the
 # bytes from (sp at entry + slot) on, slot < 0.
 State = dict[Union[str, int], Value]
-_MOVES = ("mov", "movzx", "movsx", "movsxd")
-_HIGH_BYTES = ("ah", "bh", "ch", "dh")
+# (sp, frame pointer) relative to sp at the function's entry, before an instruction.
+Frame = tuple[Optional[int], Optional[int]]
+
 
 @dataclass(frozen=True)
 class ArgumentLocations:
@@ -64,8 +59,34 @@ class ArgumentLocations:
                          if self.registers[n] is not None or self.stack[n] is not None)
 
 
+class FunctionCode(Protocol):
+    """What the dataflow needs of a disassembled function (x86_code, arm64_code)."""
+
+    entry: int  # the function's address
+    entry_end: int  # end of its first part: record points go at function+offset, not in .cold
+    insns: list  # each with .address, .mnemonic, .op_str
+    blocks: list  # each with .first, .last (instruction indices)
+    block_of: list[int]  # instruction index -> its block
+
+    def frame_offsets(self) -> dict[int, Frame]: ...
+
+    def sound_successors(self) -> Optional[dict[int, set[int]]]: ...
+
+    def writes(self, i: int) -> set[str] | frozenset[str]: ...
+
+
 class FrameFacts:
-    """Argument locations before each instruction of one function, for all its sites."""
+    """Argument locations before each instruction of one function, for all its sites.
+
+    A subclass names its machine's registers (``ARGUMENTS``: the argument registers in
+    argument order; ``HOLDERS``: every register a value may be read from at a site,
+    callee-saved first) and says what one instruction does (:meth:`step`) and which frame
+    addresses the function hands out (:meth:`_lowest_address_taken`)."""
+
+    ARGUMENTS: tuple[str, ...] = ()
+    HOLDERS: tuple[str, ...] = ()
+    #: Recording at the entry: every argument still in its own register.
+    ENTRY: RecordPoint
 
     def __init__(self, code: FunctionCode) -> None:
         self.code = code
@@ -75,158 +96,31 @@ class FrameFacts:
         for n, succs in (self.successors or {}).items():
             for s in succs:
                 self.predecessors[s].append(n)
-        self.frame_pointer = any(insn.mnemonic == "mov" and insn.op_str == "rbp, rsp"
-                                 for insn in code.insns)
         self.escape_floor = self._lowest_address_taken()
         self._block_in: dict[int, State] = {}
         if self.successors is not None:
             self._solve()
 
-    # --- where frame memory is ----------------------------------------------------------
-
-    def _stack_address(self, i: int, mem: X86.X86Op) -> tuple[bool, Optional[int]]:
-        """Whether memory operand ``mem`` of instruction i is in this frame, and where: its
-        slot, or for an array element ``[rsp + idx*8 + 0x88]`` its array's start (None: in
-        the frame at an unknown place)."""
-        d = self.code.detail(i)
-        assert d is not None
-        base = reg64(d.reg_name(mem.mem.base)) if mem.mem.base else None
-        sp, bp = self.frames.get(i, (None, None))
-        if base == "rsp":
-            origin = sp
-        elif base == "rbp" and self.frame_pointer:
-            origin = bp
-        else:
-            return False, None
-        return True, None if origin is None else origin + mem.mem.disp
+    # --- what the instruction set says ------------------------------------------------
 
     def _lowest_address_taken(self) -> Optional[float]:
         """The lowest frame address the function exposes (slots below it are private);
-        None when it exposes one it cannot place, or rsp itself."""
-        floor: float = float("inf")
-        for i in self.frames:
-            d = self.code.detail(i)
-            if d is None:
-                return None
-            if d.mnemonic == "lea":
-                dst, src = d.operands
-                if reg64(d.reg_name(dst.reg)) == "rsp":
-                    continue  # a stack adjustment, not an address handed out
-                in_frame, slot = self._stack_address(i, src)
-                if in_frame:
-                    if slot is None:
-                        return None
-                    floor = min(floor, slot)
-            elif d.mnemonic in _STACK_OPS:
-                if d.op_str == "rsp":
-                    return None  # push rsp: the frame's address into memory
-            elif self._exposes_frame_register(d):
-                return None
-        return floor
-
-    def _exposes_frame_register(self, d) -> bool:
-        """True when instruction ``d`` reads rsp (or the frame pointer) as a value, not as
-        a memory base or as the stack it adjusts: ``mov rdi, rsp`` hands the frame out."""
-        frame_regs = {"rsp", "rbp"} if self.frame_pointer else {"rsp"}
-        for n, op in enumerate(d.operands):
-            if op.type != X86.X86_OP_REG or reg64(d.reg_name(op.reg)) not in frame_regs:
-                continue
-            if n == 0 and len(d.operands) == 2 and d.mnemonic in ("sub", "add", "and", "mov"):
-                continue  # rsp/rbp adjusted or set: sub rsp, 0x28; mov rbp, rsp
-            if d.mnemonic == "mov" and d.op_str in ("rbp, rsp", "rsp, rbp"):
-                continue  # setting up or tearing down the frame pointer
-            return True
-        return False
-
-    def _private(self, slot: int, size: int) -> bool:
-        return self.escape_floor is not None and slot + size <= self.escape_floor
-
-    # --- one instruction ----------------------------------------------------------------
-
-    def _register_move(self, i: int, reg: str, state: State) -> Optional[Value]:
-        """The value register ``reg`` gets from instruction i, if it is a move (``mov``,
-        ``movzx``, ``movsx``) from a register or a frame slot into all of reg's low 32 or 64
-        bits (a write to 8 or 16 bits keeps the rest of the register: not followed)."""
-        d = self.code.detail(i)
-        if d is None or d.mnemonic not in _MOVES or len(d.operands) != 2:
-            return None
-        dst, src = d.operands
-        if dst.type != X86.X86_OP_REG or reg64(d.reg_name(dst.reg)) != reg or dst.size < 4:
-            return None
-        if src.type == X86.X86_OP_REG:
-            value = state.get(reg64(d.reg_name(src.reg)) or "")
-        elif src.type == X86.X86_OP_MEM:
-            in_frame, slot = self._stack_address(i, src)
-            if not in_frame or slot is None or src.mem.index != 0:
-                return None
-            value = state.get(slot)
-        else:
-            return None
-        if value is None:
-            return None
-        return value[0], min(value[1], src.size, dst.size)  # the low bytes both have
-
-    def _register_store(self, i: int) -> Optional[tuple[str, int, int]]:
-        """(register, slot, bytes) when instruction i is ``mov [frame], reg``."""
-        d = self.code.detail(i)
-        if d is None or d.mnemonic != "mov" or len(d.operands) != 2:
-            return None
-        dst, src = d.operands
-        if dst.type != X86.X86_OP_MEM or src.type != X86.X86_OP_REG:
-            return None
-        in_frame, slot = self._stack_address(i, dst)
-        reg = reg64(d.reg_name(src.reg))
-        if not in_frame or slot is None or dst.mem.index != 0 or reg is None:
-            return None
-        if d.reg_name(src.reg) in _HIGH_BYTES:
-            return None  # ah..dh: not the register's low byte
-        return reg, slot, dst.size
-
-    def _frame_writes(self, i: int) -> list[tuple[Optional[int], Optional[int]]]:
-        """(lowest address, size or None: anywhere up) of each write of instruction i into
-        this frame; lowest None: somewhere unknown."""
-        d = self.code.detail(i)
-        if d is None:
-            return [(None, None)]
-        result = []
-        for op in d.operands:
-            if op.type == X86.X86_OP_MEM and op.access & CS_AC_WRITE:
-                in_frame, start = self._stack_address(i, op)
-                if in_frame:
-                    result.append((start, None if op.mem.index != 0 else op.size))
-        return result
+        None when it exposes one it cannot place, or sp itself."""
+        raise NotImplementedError
 
     def step(self, i: int, state: State) -> State:
         """The state after instruction i, from the state before it."""
-        sp = self.frames.get(i, (None, None))[0]
-        new = {loc: value for loc, value in state.items()
-               if isinstance(loc, str) or (sp is not None and loc >= sp)}
-        for reg in self.code.writes(i):
-            moved = self._register_move(i, reg, state)
-            if moved is None:
-                new.pop(reg, None)
-            else:
-                new[reg] = moved
-        writes = self._frame_writes(i)
-        if writes:
-            for start, size in writes:
-                for slot in [loc for loc in new if isinstance(loc, int)]:
-                    if start is None or (start < slot + new[slot][1] and (
-                            size is None or slot < start + size)):
-                        del new[slot]
-            stored = self._register_store(i)
-            if stored is not None:
-                reg, slot, size = stored
-                if reg in state and self._private(slot, size):
-                    new[slot] = (state[reg][0], min(state[reg][1], size))
-        return new
+        raise NotImplementedError
+
+    def _private(self, slot: int, size: int) -> bool:
+        return self.escape_floor is not None and slot + size <= self.escape_floor
 
     # --- the dataflow -------------------------------------------------------------------
 
     def _solve(self) -> None:
         assert self.successors is not None
         entry = self.code.block_of[0]
-        self._block_in = {entry: {reg: (reg, POINTER_BYTES) for reg in ARGUMENT_REGISTERS}}
+        self._block_in = {entry: {reg: (reg, POINTER_BYTES) for reg in self.ARGUMENTS}}
         work = [entry]
         while work:
             n = work.pop()
@@ -260,13 +154,13 @@ class FrameFacts:
         first (no memory read at the site)."""
         state = self.before(site)
         sp = self.frames.get(site, (None, None))[0]
-        registers: list[Optional[str]] = [None] * len(ARGUMENT_REGISTERS)
-        stack: list[Optional[int]] = [None] * len(ARGUMENT_REGISTERS)
+        registers: list[Optional[str]] = [None] * len(self.ARGUMENTS)
+        stack: list[Optional[int]] = [None] * len(self.ARGUMENTS)
         for slot, size in sorted(needed.items()):
-            registers[slot] = _holder(state, slot, size)
+            registers[slot] = self._holder(state, slot, size)
             if registers[slot] is None and sp is not None:
                 stack[slot] = next((loc - sp for loc, value in sorted(state.items(), key=str)
-                                    if isinstance(loc, int) and _holds(value, slot, size)
+                                    if isinstance(loc, int) and self._holds(value, slot, size)
                                     and 0 <= loc - sp <= XT_ARG_STACK_MAX), None)
         return ArgumentLocations(tuple(registers), tuple(stack))
 
@@ -279,7 +173,7 @@ class FrameFacts:
         frame, so whichever ran last in this call is right.  None of ``probed`` (sites) is
         a record point: two probes on one instruction run in the wrong order."""
         if self.successors is None:
-            return (ENTRY_RECORD,)
+            return (self.ENTRY,)
         code = self.code
         points: dict[int, RecordPoint] = {}
         seen: set[int] = set()
@@ -296,38 +190,37 @@ class FrameFacts:
                     points[n] = point
                 else:
                     work.extend(self.predecessors[n])
-        if ENTRY_RECORD in points.values():
-            return (ENTRY_RECORD,)  # it runs on every call: any later point only repeats it
+        if self.ENTRY in points.values():
+            return (self.ENTRY,)  # it runs on every call: any later point only repeats it
         return tuple(sorted(points.values(), key=lambda p: p.offset))
 
     def _record_point_at(self, n: int, needed: dict[int, int],
                          probed: list[int]) -> Optional[RecordPoint]:
         first = self.code.blocks[n].first
         if first == 0:
-            return ENTRY_RECORD
+            return self.ENTRY
         sp = self.frames.get(first, (None, None))[0]
         insn = self.code.insns[first]
         if first in probed or sp is None or insn.address >= self.code.entry_end:
             return None  # a probe goes at function+offset: not in a .cold part
         state = self._block_in.get(n, {})
-        registers = tuple(_holder(state, slot, needed[slot]) if slot in needed else None
-                          for slot in range(len(ARGUMENT_REGISTERS)))
+        registers = tuple(self._holder(state, slot, needed[slot]) if slot in needed else None
+                          for slot in range(len(self.ARGUMENTS)))
         if any(registers[slot] is None for slot in needed):
             return None
         return RecordPoint(offset=insn.address - self.code.entry, depth=-sp, registers=registers)
+
+    def _holds(self, value: Value, slot: int, size: int) -> bool:
+        return value[0] == self.ARGUMENTS[slot] and value[1] >= size
+
+    def _holder(self, state: State, slot: int, size: int) -> Optional[str]:
+        """The first register (callee-saved first: HOLDERS) holding ``size`` bytes of
+        argument ``slot``."""
+        return next((r for r in self.HOLDERS if r in state and self._holds(state[r], slot, size)),
+                    None)
 
 
 def _meet(a: State, b: State) -> State:
     """Where paths with states a and b join: what both hold, as many bytes as both have."""
     return {loc: (value[0], min(value[1], b[loc][1])) for loc, value in a.items()
             if loc in b and b[loc][0] == value[0]}
-
-
-def _holds(value: Value, slot: int, size: int) -> bool:
-    return value[0] == ARGUMENT_REGISTERS[slot] and value[1] >= size
-
-
-def _holder(state: State, slot: int, size: int) -> Optional[str]:
-    """The first register (callee-saved first: HOLDERS) holding ``size`` bytes of argument
-    ``slot``."""
-    return next((r for r in HOLDERS if r in state and _holds(state[r], slot, size)), None)

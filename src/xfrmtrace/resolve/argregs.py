@@ -22,16 +22,24 @@ traffic.  Three ways around it, all decided from the disassembly:
 All are conservative: anything the analysis cannot prove (indirect jumps, code it cannot
 reach, a slot whose address may be taken, a static branch the kernel may flip) falls back
 to recording at the entry.
+
+The per-site locations and record points run on both instruction sets (x86_frame.py,
+arm64_frame.py).  The invariant-register rule is x86-64 only: where the arm64 dataflow
+proves nothing (an indirect branch), its sites record at the entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from xfrmtrace.resolve.arglocations import ArgumentLocations, FrameFacts
 from xfrmtrace.resolve.model import RecordPoint
 from xfrmtrace.resolve.x86_code import FunctionCode, branch_target, register_copy_source
 from xfrmtrace.resolve.x86_registers import ARGUMENT_REGISTERS, HOLDERS
+
+# Argument slot -> a register holding that argument at every site (invariant_registers).
+InvariantRule = Callable[[FunctionCode, list[int]], dict[int, str]]
 
 # Instructions that may sit between an epilogue's pops and its return.
 _EPILOGUE = ("pop", "leave", "nop")
@@ -46,19 +54,22 @@ class ArgumentPlan:
     records: tuple[RecordPoint, ...]
 
 
-def plan_arguments(code: FunctionCode, site_indices: list[int],
-                   needed: dict[int, int]) -> ArgumentPlan:
-    """The plan for a function whose sites are at ``site_indices``, needing the argument
-    slots ``needed`` (slot -> bytes of it used)."""
-    invariant = invariant_registers(code, site_indices)
-    registers = tuple(invariant.get(slot) for slot in range(len(ARGUMENT_REGISTERS)))
+def plan_arguments(code, site_indices: list[int], needed: dict[int, int],
+                   frame_facts: type[FrameFacts],
+                   invariant_rule: Optional[InvariantRule] = None) -> ArgumentPlan:
+    """The plan for a function (``code``, as ``frame_facts`` reads it) whose sites are at
+    ``site_indices``, needing the argument slots ``needed`` (slot -> bytes of it used);
+    ``invariant_rule``: invariant_registers, where the instruction set has it."""
+    count = len(frame_facts.ARGUMENTS)
+    invariant = invariant_rule(code, site_indices) if invariant_rule else {}
+    registers = tuple(invariant.get(slot) for slot in range(count))
     rest = {slot: size for slot, size in needed.items() if slot not in invariant}
-    facts = FrameFacts(code) if rest else None
+    facts = frame_facts(code) if rest else None
     plan = ArgumentPlan([], ())
     lacking = []  # sites that still read some argument from a recorded frame
     recorded: dict[int, int] = {}  # the argument slots they read from it
     for i in site_indices:
-        found = ArgumentLocations(registers, (None,) * len(ARGUMENT_REGISTERS))
+        found = ArgumentLocations(registers, (None,) * count)
         if facts is not None:
             found = _merge(found, facts.locations(i, rest))
         plan.sites.append(found)
@@ -80,7 +91,7 @@ def _merge(invariant: ArgumentLocations, located: ArgumentLocations) -> Argument
     return ArgumentLocations(registers, stack)
 
 
-# --- invariant registers ------------------------------------------------------------------
+# --- invariant registers (x86-64) ---------------------------------------------------------
 
 
 def invariant_registers(code: FunctionCode, site_indices: list[int]) -> dict[int, str]:

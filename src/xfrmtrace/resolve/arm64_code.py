@@ -33,6 +33,9 @@ _TERMS_LIMIT = 16  # distinct values one register may have at one point
 #: register, used by shadow call stacks: clobbered for our purposes).
 CALL_CLOBBERED = frozenset({*(f"x{n}" for n in range(19)), "x30"})
 _CONDITIONAL = ("cbz", "cbnz", "tbz", "tbnz")
+# What may precede a function's first real instruction: the ftrace patch nops, a BTI
+# landing pad, pointer authentication of the return address.
+_ENTRY_PAD = ("nop", "bti", "paciasp", "hint")
 _NO_DESTINATION = ("cmp", "cmn", "tst", "ccmp", "ccmn", "prfm", "dmb", "dsb", "isb", "nop",
                    "hint", "bti", "paciasp", "autiasp", "msr", "brk", "hlt", "casp")
 _LSE_LOAD_OP = re.compile(r"(ld(add|clr|eor|set|smax|smin|umax|umin)|swp)[alhb]*$")
@@ -129,6 +132,7 @@ class FunctionCode:
                  jump_labels: Optional[LabelIndex] = None,
                  noreturn: frozenset[int] = frozenset()) -> None:
         self.entry = parts[0][0].start
+        self.entry_end = self.entry + len(parts[0][1])  # end of the first part's bytes
         self._noreturn = noreturn
         self.insns: list[Insn] = []
         self._details: list[capstone.CsInsn] = []
@@ -140,6 +144,7 @@ class FunctionCode:
                 self._details.append(insn)
         self.index = {insn.address: i for i, insn in enumerate(self.insns)}
         self.jump_labels: dict[int, int] = {}
+        self.knows_static_branches = jump_labels is not None
         if jump_labels is not None:
             for func, code in parts:
                 for addr in jump_labels.within(func.start, func.start + len(code)):
@@ -148,6 +153,7 @@ class FunctionCode:
         self._build_blocks(part_starts)
         self._writes: dict[int, frozenset[str]] = {}
         self._reachable: Optional[set[int]] = None
+        self._frames: Optional[dict[int, tuple[Optional[int], Optional[int]]]] = None
 
     # --- control flow -------------------------------------------------------------------
 
@@ -219,6 +225,45 @@ class FunctionCode:
             self._reachable = seen
         return self.block_of[i] in self._reachable
 
+    def sound_successors(self) -> Optional[dict[int, set[int]]]:
+        """Block -> every block that may run next, for the blocks the entry reaches; None
+        when the graph may be incomplete: an indirect branch (a jump table), or, without the
+        kernel's jump label table, a ``nop`` that may be a disabled static branch.
+
+        Code no known edge reaches is normal on arm64 and is not a reason to give up: an
+        alternative patched at boot leaves code behind that never runs again (the LL/SC
+        path after ``system_uses_lse_atomics()``'s ``b`` became a ``nop``).  Static
+        branches are the one patching that goes on while tracing, and only the table says
+        where they are; without it a ``b`` within the function also falls through.
+        """
+        succs = {n: set(block.succs) for n, block in enumerate(self.blocks)}
+        if not self.knows_static_branches:
+            for n, block in enumerate(self.blocks):
+                last = self.insns[block.last]
+                if last.mnemonic == "b" and branch_target(last) in self.index \
+                        and self._contiguous(block.last):
+                    succs[n].add(self.block_of[block.last + 1])
+        entry = self.block_of[0]
+        reachable = {entry}
+        work = [entry]
+        while work:
+            for succ in succs[work.pop()]:
+                if succ not in reachable:
+                    reachable.add(succ)
+                    work.append(succ)
+        if any(self.blocks[n].indirect for n in reachable):
+            return None
+        if not self.knows_static_branches:
+            patch_area = 0  # ftrace's entry nops (-fpatchable-function-entry), BTI, PAC
+            while patch_area < len(self.insns) and \
+                    self.insns[patch_area].mnemonic in _ENTRY_PAD:
+                patch_area += 1
+            if any(self.insns[i].mnemonic == "nop" for n in reachable
+                   for i in range(max(self.blocks[n].first, patch_area),
+                                  self.blocks[n].last + 1)):
+                return None
+        return {n: succs[n] for n in reachable}
+
     # --- registers ----------------------------------------------------------------------
 
     def writes(self, i: int) -> frozenset[str]:
@@ -260,24 +305,32 @@ class FunctionCode:
     def stack_offsets(self) -> dict[int, Optional[int]]:
         """sp relative to the function's entry, before each reachable instruction (None:
         unknown)."""
+        return {i: sp for i, (sp, _fp) in self.frame_offsets().items()}
+
+    def frame_offsets(self) -> dict[int, tuple[Optional[int], Optional[int]]]:
+        """(sp, x29 as this function's frame pointer) relative to the sp at its entry,
+        before each reachable instruction (None: unknown, or x29 is not yet, or no longer,
+        this frame's pointer)."""
+        if self._frames is not None:
+            return self._frames
         entry = self.block_of[0]
-        state_in: dict[int, Optional[int]] = {entry: 0}
-        out: dict[int, Optional[int]] = {}
+        state_in: dict[int, tuple[Optional[int], Optional[int]]] = {entry: (0, None)}
+        out: dict[int, tuple[Optional[int], Optional[int]]] = {}
         work = [entry]
         while work:
             n = work.pop()
-            sp = state_in[n]
+            frame = state_in[n]
             block = self.blocks[n]
             for i in range(block.first, block.last + 1):
-                out[i] = sp
-                sp = _stack_effect(self.insns[i], sp)
+                out[i] = frame
+                frame = _frame_effect(self.insns[i], frame, "x29" in self.writes(i))
             for s in block.succs:
-                if s not in state_in:
-                    state_in[s] = sp
+                old = state_in.get(s)
+                merged = frame if old is None else _meet_frames(old, frame)
+                if merged != old:  # each block's state only ever loses knowledge: this ends
+                    state_in[s] = merged
                     work.append(s)
-                elif state_in[s] is not None and state_in[s] != sp:
-                    state_in[s] = None  # paths disagree: unknown from here on (this ends)
-                    work.append(s)
+        self._frames = out
         return out
 
     # --- values -------------------------------------------------------------------------
@@ -370,22 +423,40 @@ def _shift(text: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _stack_effect(insn: Insn, sp: Optional[int]) -> Optional[int]:
-    """sp after instruction ``insn``: ``sub/add sp, sp, #n``, pre-indexed ``[sp, #-n]!`` and
-    post-indexed ``[sp], #n`` writebacks; other writes of sp make it unknown."""
-    if sp is None:
-        return None
+def _meet_frames(a: tuple[Optional[int], Optional[int]],
+                 b: tuple[Optional[int], Optional[int]]) -> tuple[Optional[int], Optional[int]]:
+    """Where paths with frame states a and b join: what they agree on stays known."""
+    return (a[0] if a[0] == b[0] else None, a[1] if a[1] == b[1] else None)
+
+
+def _frame_effect(insn: Insn, frame: tuple[Optional[int], Optional[int]],
+                  writes_fp: bool) -> tuple[Optional[int], Optional[int]]:
+    """(sp, fp) after instruction ``insn``.  sp: ``sub/add sp, sp, #n``, pre-indexed
+    ``[sp, #-n]!`` and post-indexed ``[sp], #n`` writebacks, ``mov sp, x29`` (other writes of
+    sp make it unknown).  fp: ``mov x29, sp`` and ``add x29, sp, #n`` set it; any other write
+    of x29 (the epilogue's ``ldp x29, x30, [sp], #n``) ends it."""
+    sp, fp = frame
     ops = insn.operands
+    if ops[:1] == ["x29"] and insn.mnemonic in ("mov", "add") and ops[1:2] == ["sp"]:
+        delta = _immediate(ops[2]) if len(ops) == 3 and ops[2].startswith("#") else 0
+        if len(ops) == 2 or (len(ops) == 3 and ops[2].startswith("#")):
+            return sp, None if sp is None else sp + delta
+    if writes_fp:
+        fp = None
+    if sp is None:
+        return None, fp
     if ops[:2] == ["sp", "sp"] and len(ops) == 3 and ops[2].startswith("#"):
         amount = _immediate(ops[2])
-        return sp - amount if insn.mnemonic == "sub" else sp + amount \
-            if insn.mnemonic == "add" else None
+        return (sp - amount if insn.mnemonic == "sub" else sp + amount
+                if insn.mnemonic == "add" else None), fp
+    if ops == ["sp", "x29"] and insn.mnemonic == "mov":
+        return fp, fp
     pre = re.search(r"\[sp, #(-?(?:0x[0-9a-f]+|\d+))\]!$", insn.op_str)
     if pre:
-        return sp + int(pre.group(1), 0)
+        return sp + int(pre.group(1), 0), fp
     post = re.search(r"\[sp\], #(-?(?:0x[0-9a-f]+|\d+))$", insn.op_str)
     if post:
-        return sp + int(post.group(1), 0)
+        return sp + int(post.group(1), 0), fp
     if ops and ops[0] == "sp":
-        return None
-    return sp
+        return None, fp
+    return sp, fp

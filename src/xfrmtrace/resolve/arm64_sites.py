@@ -37,8 +37,10 @@ and live from kcore (LSE) agree.  The pointer compared with each namespace's
 kernel refuses (Debian 6.12's ``xfrm_input`` increments two counters right after its
 ``spin_lock``, a ``casa``) is classified ``unprobeable``: no kprobe can count it exactly.
 
-Argument recovery (argregs.py) is x86-only: arm64 sites read their function's arguments from
-a record at the entry (the conservative rule), and ``--audit`` says so per site.
+Arguments come as on x86 (argregs.py): from the registers and frame slots that hold them at
+the probe (arm64_frame.py), else from a record probe at the latest points that still see
+them, else at the entry.  The invariant-register rule of x86 has no arm64 version: the
+dataflow finds the same registers whenever the control-flow graph is sound.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ import capstone
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import VMLINUX, Kallsyms
 from xfrmtrace.resolve.arm64_code import INSN_BYTES, FunctionCode, Term, xreg
+from xfrmtrace.resolve.arm64_frame import Arm64FrameFacts
 from xfrmtrace.resolve.model import DOUBTFUL, OTHER, UNPROBEABLE, XFRM, Resolution
-from xfrmtrace.resolve.sites import CounterScan, ReadText
+from xfrmtrace.resolve.sites import CounterScan, Needs, ReadText
 
 # Little-endian words, matched at any byte (aligned ones kept): 64-bit LDXR Xt, [Xn]
 # (0xc85f7c00 | Rn << 5 | Rt), or 64-bit LDADD Xs, Xt, [Xn] without ordering
@@ -66,7 +69,6 @@ _LDR_X_IMM_MASK = 0xFFC00000
 # not run exactly once per increment when single-stepped out of line.
 _UNPROBEABLE = re.compile(r"(mrs|msr|ld[a]?xr|st[l]?xr|ld[a]?xp|st[l]?xp|svc|hvc|smc|brk|hlt|"
                           r"eret|wfe|wfi|sev|sevl|yield|clrex)[bhw]?$")
-ENTRY_RECORD_NOTE = "arguments recorded at the function's entry (argument analysis: x86-64 only)"
 # arch/arm64/kernel/probes/decode-insn.c refuses a probe on any instruction of the
 # load/store-exclusive class (aarch64_insn_is_exclusive: ldxr, stxr, but also ldar, stlr and
 # LSE cas*), and one inside what it takes for an exclusive sequence: scanning back from the
@@ -83,11 +85,14 @@ class Arm64SiteResolver(CounterScan):
 
     _candidate = _PER_CPU_ATOMIC
     _alignment = INSN_BYTES
+    _frame_facts = Arm64FrameFacts
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
                  counters: dict[int, str],
+                 needed_slots: Optional[Callable[[str, str], Needs]] = None,
                  jump_labels: Optional[dict[int, int]] = None) -> None:
-        super().__init__(read, syms, mib_offset, counters)
+        """``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
+        super().__init__(read, syms, mib_offset, counters, needed_slots)
         self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
         self._lite = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
         self._detail = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
@@ -117,6 +122,7 @@ class Arm64SiteResolver(CounterScan):
                             self._jump_labels if first.object == VMLINUX else None,
                             self._noreturn)
         offsets: Optional[dict[int, Optional[int]]] = None
+        first_site = len(result.sites)
         for addr in addrs:
             i = code.index.get(addr)
             if i is None:
@@ -125,6 +131,9 @@ class Arm64SiteResolver(CounterScan):
             if offsets is None:
                 offsets = code.stack_offsets()
             self._classify_atomic(code, i, parent, offsets, result)
+        found = result.sites[first_site:]
+        if found and offsets is not None and parts[0].name == parent:
+            result.sites[first_site:] = self._with_argument_plan(code, found)
 
     def _classify_atomic(self, code: FunctionCode, i: int, parent: str,
                          offsets: dict[int, Optional[int]], result: Resolution) -> None:
@@ -225,7 +234,7 @@ class Arm64SiteResolver(CounterScan):
         result.sites.append(site)
         result.audit.append(self._entry(
             address, XFRM, f"loaded from net->mib.xfrm_statistics; probed at {site.label} "
-            f"({mib_reg} = MIB + {bias:#x}); {ENTRY_RECORD_NOTE}", site.counter))
+            f"({mib_reg} = MIB + {bias:#x})", site.counter))
 
 
 def _atomic_add(code: FunctionCode, i: int) -> Optional[tuple[str, int, object]]:

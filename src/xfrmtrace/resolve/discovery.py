@@ -94,7 +94,7 @@ def _resolver(view: KernelView, roles: ArgumentRoles, with_vmlinux: bool):  # ->
               if with_vmlinux else None)
     if view.machine == arch.ARM64:
         return Arm64SiteResolver(view.text.read, view.syms, view.model.mib_offset,
-                                 view.model.counters, labels)
+                                 view.model.counters, roles.needs, labels)
     return SiteResolver(view.text.read, view.syms, view.model.mib_offset,
                         view.model.counters, roles.needs, labels)
 

@@ -22,7 +22,7 @@ from xfrmtrace.resolve.model import REGISTER_SLOTS, AuditEntry, RecordPoint, Res
 
 log = logging.getLogger("xfrmtrace.resolve.sitecache")
 
-FORMAT = 7  # bump when Site/AuditEntry or the resolver's rules change
+FORMAT = 8  # bump when Site/AuditEntry or the resolver's rules change
 _NT_GNU_BUILD_ID = 3
 
 

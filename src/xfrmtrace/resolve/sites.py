@@ -25,7 +25,8 @@ from capstone import x86_const as X86
 
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import VMLINUX, Function, Kallsyms
-from xfrmtrace.resolve.argregs import plan_arguments
+from xfrmtrace.resolve.arglocations import FrameFacts
+from xfrmtrace.resolve.argregs import InvariantRule, invariant_registers, plan_arguments
 from xfrmtrace.resolve.model import (
     DOUBTFUL,
     NORETURN_FUNCTIONS,
@@ -41,6 +42,7 @@ from xfrmtrace.resolve.x86_code import (
     mem_operand,
     reaching_definitions,
 )
+from xfrmtrace.resolve.x86_frame import X86FrameFacts
 from xfrmtrace.resolve.x86_registers import reg64
 
 # gs prefix, REX.W (any R/X/B), then inc r/m64 (FF /0) or add r/m64, imm8 (83 /0)
@@ -61,14 +63,23 @@ class CounterScan:
     over the text, grouped by function (with its ``.cold`` parts), and audit entries.
 
     A subclass sets ``_candidate`` (a regex whose matches start at candidate instructions),
-    ``_alignment`` (bytes: where instructions may start) and implements
-    ``_classify_function`` and ``_disassemble_one``."""
+    ``_alignment`` (bytes: where instructions may start), ``_frame_facts`` (its argument
+    dataflow: arglocations.py) and ``_invariant_rule`` (argregs.py, where it has one), and
+    implements ``_classify_function`` and ``_disassemble_one``.
+
+    ``needed_slots(function, object)``: the argument positions events of that function's
+    sites read (from BTF), each with the bytes of it they use (a plain set: whole pointers);
+    without it, arguments are recorded at entry."""
 
     _candidate: re.Pattern[bytes]
     _alignment = 1
+    _frame_facts: type[FrameFacts]
+    _invariant_rule: Optional[InvariantRule] = None
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
-                 counters: dict[int, str]) -> None:
+                 counters: dict[int, str],
+                 needed_slots: Optional[Callable[[str, str], Needs]] = None) -> None:
+        self._needed_slots = needed_slots
         self._read = read
         self._syms = syms
         self._mib_offset = mib_offset
@@ -143,6 +154,21 @@ class CounterScan:
             parts.append(fallback)
         return parts
 
+    def _with_argument_plan(self, code, found: list[Site]) -> list[Site]:
+        """``found`` (sites of one function, its entry part known) with where their
+        arguments come from: see argregs.py."""
+        entry_function = found[0].entry_function
+        if self._needed_slots is None or entry_function is None:
+            return found
+        needs = self._needed_slots(entry_function, found[0].object)
+        needed = (dict(needs) if isinstance(needs, Mapping)
+                  else dict.fromkeys(needs, POINTER_BYTES))
+        plan = plan_arguments(code, [code.index[s.address] for s in found], needed,
+                              self._frame_facts, self._invariant_rule)
+        return [replace(s, arg_regs=where.registers, arg_stack=where.stack,
+                        records=plan.records if needed.keys() - where.slots() else ())
+                for s, where in zip(found, plan.sites)]
+
     def _site(self, address: int, size: int, instruction: str, index: int, parent: str,
               sp: Optional[int], **registers) -> Site:
         """The site probed at ``address`` (an instruction of ``size`` bytes, ``sp`` relative
@@ -184,18 +210,16 @@ class SiteResolver(CounterScan):
     """Classifies gs-relative increments of x86-64 kernel and module text."""
 
     _candidate = _GS_INCREMENT
+    _frame_facts = X86FrameFacts
+    _invariant_rule = staticmethod(invariant_registers)
 
     def __init__(self, read: ReadText, syms: Kallsyms, mib_offset: int,
                  counters: dict[int, str],
                  needed_slots: Optional[Callable[[str, str], Needs]] = None,
                  jump_labels: Optional[Mapping[int, int]] = None) -> None:
-        """``needed_slots(function, object)``: the argument positions events of that
-        function's sites read (from BTF), each with the bytes of it they use (a plain set:
-        whole pointers); without it, arguments are recorded at entry.
-        ``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
-        super().__init__(read, syms, mib_offset, counters)
+        """``jump_labels``: vmlinux's static branches (jumplabels.py), if known."""
+        super().__init__(read, syms, mib_offset, counters, needed_slots)
         self._jump_labels = LabelIndex(jump_labels) if jump_labels is not None else None
-        self._needed_slots = needed_slots
         self._mib_bytes = [mib_offset.to_bytes(4, "little")]
         if mib_offset < 0x80:
             self._mib_bytes.append(bytes([mib_offset]))
@@ -234,20 +258,6 @@ class SiteResolver(CounterScan):
         found = result.sites[first_site:]
         if found and offsets is not None and parts[0].name == parent:
             result.sites[first_site:] = self._with_argument_plan(code, found)
-
-    def _with_argument_plan(self, code: FunctionCode, found: list[Site]) -> list[Site]:
-        """``found`` (sites of one function, its entry part known) with where their
-        arguments come from: see argregs.py."""
-        entry_function = found[0].entry_function
-        if self._needed_slots is None or entry_function is None:
-            return found
-        needs = self._needed_slots(entry_function, found[0].object)
-        needed = (dict(needs) if isinstance(needs, Mapping)
-                  else dict.fromkeys(needs, POINTER_BYTES))
-        plan = plan_arguments(code, [code.index[s.address] for s in found], needed)
-        return [replace(s, arg_regs=where.registers, arg_stack=where.stack,
-                        records=plan.records if needed.keys() - where.slots() else ())
-                for s, where in zip(found, plan.sites)]
 
     def _classify_site(self, code: FunctionCode, i: int, parent: str,
                        offsets: dict[int, Optional[int]], result: Resolution) -> None:
