@@ -485,10 +485,12 @@ int xt_entry(struct pt_regs *ctx)
 	return 0;
 }
 
-SEC("kprobe")
-int xt_site(struct pt_regs *ctx)
+/*
+ * One hit of the site at ip: ctx is the program's context (for the stack), regs the
+ * registers saved from it, sp the stack pointer there.
+ */
+static __always_inline int site_hit(void *ctx, struct saved_regs *regs, __u64 ip, __u64 sp)
 {
-	__u64 ip = probe_address(ctx);
 	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &ip);
 	struct arg_source args = {};
 	struct netns_guess ns = {};
@@ -508,8 +510,8 @@ int xt_site(struct pt_regs *ctx)
 		*count += 1;
 
 	args.si = si;
-	args.sp = PT_REGS_SP(ctx);
-	args.regs = save_regs(ctx);
+	args.sp = sp;
+	args.regs = regs;
 	mib = reg_value(args.regs, si->mib_reg) - si->mib_bias;
 	fid = si->func_id;
 	if (fid < XT_MAX_FUNCS)
@@ -521,7 +523,7 @@ int xt_site(struct pt_regs *ctx)
 	} else if (si->stack_depth < 0) {
 		note = XT_NOTE_DEPTH_UNKNOWN;
 	} else {
-		entry_sp = PT_REGS_SP(ctx) + (__u64)si->stack_depth;
+		entry_sp = sp + (__u64)si->stack_depth;
 		args.frame = bpf_map_lookup_elem(&frames, &entry_sp);
 		if (!args.frame || args.frame->func_id != fid) {
 			args.frame = NULL;
@@ -587,3 +589,82 @@ int xt_site(struct pt_regs *ctx)
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
+
+SEC("kprobe")
+int xt_site(struct pt_regs *ctx)
+{
+	return site_hit(ctx, save_regs(ctx), probe_address(ctx), PT_REGS_SP(ctx));
+}
+
+#if defined(__TARGET_ARCH_arm64)
+/* breakpoint site_id -> on this CPU, the counter's address and value at its last hit */
+struct bp_last_hit {
+	__u64 counter_addr;
+	__u64 value;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XT_MAX_SITES);
+	__type(key, __u32);
+	__type(value, struct bp_last_hit);
+} bp_last SEC(".maps");
+
+/*
+ * True when this trap repeats the last one at the site on this CPU for the same execution.
+ * arm64 steps over a kernel breakpoint with its breakpoints off; an interrupt taken before
+ * the step ends it early (the step exception comes in the handler, which turns them back
+ * on: arch/arm64/kernel/hw_breakpoint.c, reinstall_suspended_bps), and the return traps
+ * on the same instruction again.  The breakpoint sits just before the counter's atomic, so
+ * between two real executions here the counter has grown; between a trap and its repeat
+ * nothing has run on this CPU but that interrupt, which increments no XFRM counter.  So
+ * the same counter value at the same address is a repeat.
+ */
+static __always_inline bool repeated_trap(const struct xt_site_info *si,
+					  const struct saved_regs *regs, __u64 mib)
+{
+	__u32 site_id = si->site_id;
+	struct bp_last_hit *last = bpf_map_lookup_elem(&bp_last, &site_id);
+	__u64 addr, value;
+
+	if (!last || si->cpu_reg >= XT_NUM_REGS)
+		return false;
+	addr = mib + 8 * (__u64)si->counter + reg_value(regs, si->cpu_reg);
+	if (bpf_probe_read_kernel(&value, sizeof(value), (const void *)addr))
+		return false;
+	if (last->counter_addr == addr && last->value == value)
+		return true;
+	last->counter_addr = addr;
+	last->value = value;
+	return false;
+}
+
+/*
+ * The same site, hit through a hardware execution breakpoint (a perf event per CPU): where
+ * the kernel refuses a kprobe, inside what its text scan takes for an exclusive sequence
+ * although an LSE casa (a spin_lock) opened it and no exclusive monitor is held (the
+ * resolver, arm64_sites.py).  The breakpoint exception reports pc at the instruction.
+ * perf_event programs see struct pt_regs through ctx->regs only by field (the verifier
+ * rewrites those loads), so the registers are copied one by one.
+ */
+SEC("perf_event")
+int xt_site_bp(struct bpf_perf_event_data *ctx)
+{
+	__u32 zero = 0;
+	struct saved_regs *saved = bpf_map_lookup_elem(&regs_scratch, &zero);
+	__u64 pc = ctx->regs.pc;
+	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &pc);
+	int n;
+
+	if (!saved)
+		return 0;
+#pragma unroll
+	for (n = 0; n < XT_NUM_REGS; n++)
+		saved->r[n] = ctx->regs.regs[n];
+	if (si && repeated_trap(si, saved, reg_value(saved, si->mib_reg) - si->mib_bias)) {
+		stat_inc(XT_STAT_BP_REPEAT);
+		return 0;
+	}
+	return site_hit(ctx, saved, pc, ctx->regs.sp);
+}
+#endif

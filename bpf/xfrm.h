@@ -113,6 +113,10 @@ struct xt_site_info {
 	 * the function's recorded frame */
 	__u8 arg_reg[6];
 	__u16 arg_sp_off[6];
+	/* a hardware-breakpoint site (arm64): register holding this CPU's per-CPU offset, so
+	 * that mib + 8 * counter + it is the counter's address; XT_NO_REG elsewhere */
+	__u8 cpu_reg;
+	__u8 pad[3];
 };
 
 /* Value of map "funcs", keyed by func_id. */
@@ -154,6 +158,7 @@ enum xt_stat {
 	XT_STAT_UNKNOWN_SITE = 3,	/* probe hit at an unregistered address */
 	XT_STAT_NETNS_FULL = 4,		/* netns_counts had no room */
 	XT_STAT_SAMPLED = 5,		/* increments not sent: site rate limit */
+	XT_STAT_BP_REPEAT = 6,		/* a breakpoint trapped again on one execution */
 	XT_STAT_NUM = 8,
 };
 

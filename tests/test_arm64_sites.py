@@ -52,6 +52,7 @@ WORDS = {
     "nop": 0xD503201F,
     "ret": 0xD65F03C0,
     "casa w1, w0, [x24]": 0x88E17F00,  # a spin_lock's compare-and-swap (load-acquire class)
+    "ldaxr w1, [x24]": 0x885FFF01,  # an exclusive load (LL/SC): opens a monitor
     "stlrb wzr, [x0]": 0x089FFC1F,  # its unlock (store-release: ends an atomic context)
 }
 LLSC = ["ldxr x4, [x0]", "add x4, x4, x2", "stxr w3, x4, [x0]", "cbnz w3, back to the ldxr"]
@@ -107,24 +108,36 @@ def test_each_form_gives_the_same_site(atomic) -> None:
     assert "probed at f+0x10" in entry.reason
 
 
-@pytest.mark.parametrize("between, probed", [
-    ([], False),  # the whole funnel follows the casa: the kernel refuses every probe there
-    (["stlrb wzr, [x0]"], True),  # a store-release ends the atomic context it sees
-    (["nop"] * 27, False),  # the funnel's last instruction is the 32nd after the casa
-    (["nop"] * 28, True),  # the 33rd: out of the kernel's 32-instruction look-back
+CASA = "casa w1, w0, [x24]"
+LDAXR = "ldaxr w1, [x24]"
+
+
+@pytest.mark.parametrize("opener, between, how", [
+    (CASA, [], "breakpoint"),  # the whole funnel follows the casa: the kernel refuses a kprobe
+    (CASA, ["stlrb wzr, [x0]"], "kprobe"),  # a store-release ends the atomic context it sees
+    (CASA, ["nop"] * 27, "breakpoint"),  # the funnel's last instruction: 32nd after the casa
+    (CASA, ["nop"] * 28, "kprobe"),  # the 33rd: out of the kernel's 32-instruction look-back
+    (LDAXR, [], "unprobeable"),  # an exclusive monitor is open: a trap would break it too
+    (LDAXR, ["nop"] * 28, "kprobe"),
 ])
-def test_no_probe_where_the_kernel_sees_an_atomic_context(between, probed) -> None:
+def test_where_the_kernel_sees_an_atomic_context(opener, between, how) -> None:
     """arch/arm64/kernel/probes/decode-insn.c refuses a kprobe that follows a load-exclusive
     class instruction (casa counts) within 32 instructions, with no store-exclusive between:
-    the site goes where the kernel accepts it, or is unprobeable, never a failed attach."""
-    result = Code(["casa w1, w0, [x24]", *between, *PROLOGUE, *LSE, "ret"]).resolve()
+    the site goes where the kernel accepts it; after a casa, which holds no exclusive
+    monitor, a hardware breakpoint counts it; after a real exclusive load it is
+    unprobeable.  Never a failed attach."""
+    result = Code([opener, *between, *PROLOGUE, *LSE, "ret"]).resolve()
     (entry,) = [e for e in result.audit if e.classification != OTHER]
-    if probed:
-        (site,) = result.sites
-        assert site.offset == 4 * (len(between) + 1) + 0x10 and entry.classification == XFRM
-    else:
+    if how == "unprobeable":
         assert result.sites == [] and entry.classification == UNPROBEABLE
         assert entry.counter == "XfrmInBufferError" and "is_probed_address_atomic" in entry.reason
+        return
+    (site,) = result.sites
+    assert site.offset == 4 * (len(between) + 1) + 0x10 and entry.classification == XFRM
+    assert site.hw_breakpoint == (how == "breakpoint")
+    # What tells a repeated trap from the next increment: the per-CPU offset's register.
+    assert site.cpu_reg == ("x1" if how == "breakpoint" else None)
+    assert ("hardware breakpoint" in entry.reason) == (how == "breakpoint")
 
 
 def test_vhe_reads_the_per_cpu_offset_from_tpidr_el2() -> None:
@@ -280,15 +293,17 @@ def test_debian_arm64_kernel_as_shipped_and_as_patched(debian_arm64) -> None:
           f"{applied} alternatives of {caps} capabilities applied")
     assert caps == 2 and applied > 1000
     assert by_class[DOUBTFUL] == 0
-    # The two increments in xfrm_input's spin_locked region (the kernel refused both probes
-    # in the arm64 VM lab with EINVAL before the resolver knew its rule).
-    assert sorted((e.function, e.counter) for e in shipped.audit
-                  if e.classification == UNPROBEABLE) == [
+    # The two increments in xfrm_input's spin_locked region (the kernel refused both kprobes
+    # in the arm64 VM lab with EINVAL before the resolver knew its rule): a casa opened it,
+    # so hardware breakpoints count them.
+    assert by_class[UNPROBEABLE] == 0
+    assert sorted((s.function, s.counter) for s in shipped.sites if s.hw_breakpoint) == [
         ("xfrm_input", "XfrmInStateInvalid"), ("xfrm_input", "XfrmInStateMismatch")]
+    assert all(s.cpu_reg is not None for s in shipped.sites if s.hw_breakpoint)
     assert not [e for e in patched.audit if e.classification == DOUBTFUL]
 
     def key(s):
-        return (s.address, s.counter, s.mib_reg, s.mib_bias, s.code)
+        return (s.address, s.counter, s.mib_reg, s.mib_bias, s.code, s.hw_breakpoint)
 
     assert [key(s) for s in patched.sites] == [key(s) for s in shipped.sites]
     # The patched text increments with LSE atomics: the audit saw them, not the LL/SC loop.

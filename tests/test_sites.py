@@ -338,6 +338,8 @@ BAD_CACHES = {
                               "bad register 'rsp'"),
     "argument register unknown": (_as_text(_edit("arg_regs", ["xmm0"] + [None] * 5)),
                                   "bad register 'xmm0'"),
+    "breakpoint flag not a bool": (_as_text(_edit("hw_breakpoint", "yes")),
+                                   "bad hw_breakpoint 'yes'"),
     "record points not a list": (_as_text(_edit("records", 5)), "bad record point list"),
     "record point not an object": (_as_text(_edit("records", [5])), "not subscriptable"),
     "record depth not a number": (_as_text(_edit("records", [{

@@ -10,8 +10,9 @@ from typing import Dict
 from vmlab.guest import ipsec
 from vmlab.guest.ipsec import LabConfig
 
-#: The tool's two kprobe programs (bpf/xfrm.bpf.c): argument recording and counter sites.
-PROGRAMS = ("xt_entry", "xt_site")
+#: The tool's BPF programs (bpf/xfrm.bpf.c): argument recording and counter sites (kprobes),
+#: and counter sites counted through a hardware breakpoint (arm64, perf_event).
+PROGRAMS = ("xt_entry", "xt_site", "xt_site_bp")
 
 
 def veth_tx_packets(cfg: LabConfig) -> int:

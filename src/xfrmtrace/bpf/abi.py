@@ -122,6 +122,7 @@ class XtStat(IntEnum):
     UNKNOWN_SITE = 3
     NETNS_FULL = 4
     SAMPLED = 5
+    BP_REPEAT = 6
     NUM = 8
 
 
@@ -141,6 +142,8 @@ class XtSiteInfo(ctypes.Structure):
         ("net_reg", ctypes.c_uint8),
         ("arg_reg", ctypes.c_uint8 * 6),
         ("arg_sp_off", ctypes.c_uint16 * 6),
+        ("cpu_reg", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 

@@ -100,6 +100,7 @@ _LIBBPF_PROTOTYPES: tuple[tuple[str, Any, tuple[Any, ...]], ...] = (
     ("bpf_program__set_autoload", _INT, (_P, ctypes.c_bool)),
     ("bpf_program__attach_kprobe_opts", _P, (_P, _STR, ctypes.POINTER(KprobeOpts))),
     ("bpf_program__attach_raw_tracepoint", _P, (_P, _STR)),
+    ("bpf_program__attach_perf_event", _P, (_P, _INT)),
     ("bpf_link__destroy", _INT, (_P,)),
     ("bpf_map__name", _STR, (_P,)),
     ("bpf_map__fd", _INT, (_P,)),

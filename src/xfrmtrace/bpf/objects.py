@@ -299,6 +299,15 @@ class Program(_ObjectPart):
         description = f"raw tracepoint {tracepoint} ({self.name})"
         return self._owner._track_link(Link(handle, description, self._owner))
 
+    def attach_perf_event(self, perf_fd: int, description: str) -> Link:
+        """Attach to the open perf event ``perf_fd`` (a hardware breakpoint, say).  The link
+        owns the descriptor from then on: libbpf closes it when the link is destroyed.  If the
+        attach fails, the descriptor is still the caller's to close."""
+        subject = f"prog '{self.name}', {description}"
+        handle = api().bpf_program__attach_perf_event(self._require_loaded(), perf_fd)
+        handle = check_ptr(handle, "bpf_program__attach_perf_event", subject)
+        return self._owner._track_link(Link(handle, f"{description} ({self.name})", self._owner))
+
     def __repr__(self) -> str:
         return f"<Program {self.name}>"
 

@@ -33,9 +33,15 @@ straight-line code that falls into the atomic, when the atomic is entered only f
 in both forms, at the same address, so sites resolved offline from a vmlinux file (LL/SC)
 and live from kcore (LSE) agree.  The pointer compared with each namespace's
 ``net->mib.xfrm_statistics`` is a register that holds it, plus the counter's offset
-(``Site.mib_bias``), at that instruction.  An increment whose every such instruction the
-kernel refuses (Debian 6.12's ``xfrm_input`` increments two counters right after its
-``spin_lock``, a ``casa``) is classified ``unprobeable``: no kprobe can count it exactly.
+(``Site.mib_bias``), at that instruction.
+
+**Where no kprobe may go.**  Debian 6.12's ``xfrm_input`` increments two counters right
+after its ``spin_lock``, an LSE ``casa``: the kernel's scan refuses every instruction there,
+although a ``casa`` (like ``ldar``) holds no exclusive monitor a trap could clear.  Such a
+site gets the same instruction and is counted by a hardware execution breakpoint instead
+(``Site.hw_breakpoint``, kernel/breakpoints.py), the only difference being how the BPF side
+is called.  Where an exclusive load (``ldxr``, ``ldaxr``: bit 23 clear) opened the context,
+a breakpoint would break the loop as a kprobe would: that increment is ``unprobeable``.
 
 Arguments come as on x86 (argregs.py): from the registers and frame slots that hold them at
 the probe (arm64_frame.py), else from a record probe at the latest points that still see
@@ -78,6 +84,11 @@ _EXCLUSIVE_CLASS = (0x3F000000, 0x08000000)
 _LOAD_EX = (0x3F400000, 0x08400000)
 _STORE_EX = (0x3F400000, 0x08000000)
 _ATOMIC_CONTEXT_WORDS = 32  # MAX_ATOMIC_CONTEXT_SIZE: 128 bytes
+# Bit 23 (o2) of that class: 0 for the exclusive loads (ldxr, ldaxr, ldxp, ldaxp), which
+# open an exclusive monitor; 1 for ldar/ldlar and the LSE cas* forms, which do not.
+_ORDERED_BIT = 1 << 23
+KPROBE = "kprobe"
+BREAKPOINT = "breakpoint"
 
 
 class Arm64SiteResolver(CounterScan):
@@ -155,50 +166,57 @@ class Arm64SiteResolver(CounterScan):
             result.audit.append(self._entry(insn.address, kind, why))
             return
         single = len(terms) == 1
-        probes = _probe_points(code, i, single, self._kprobe_accepts(code))
+        probes = _probe_points(code, i, single, lambda j: self._probe_kind(code, j) == KPROBE)
+        breakpoint = False
+        if probes is None:
+            probes = _probe_points(code, i, single,
+                                   lambda j: self._probe_kind(code, j) is not None)
+            breakpoint = True
         if probes is None:
             if _probe_points(code, i, single, lambda j: _steppable(code, j)) is not None:
                 result.audit.append(self._entry(
                     insn.address, UNPROBEABLE, "XFRM counter, but the kernel refuses a kprobe "
                     "on every instruction that runs once per increment: each comes within 32 "
-                    "instructions after a load-exclusive class one (ldxr, ldar, LSE casa) "
-                    "with no store-exclusive between (arch/arm64/kernel/probes/decode-insn.c,"
-                    " is_probed_address_atomic)", self._counters.get(
-                        next(iter(terms)).offset // 8) if single else None))
+                    "instructions after an exclusive load (ldxr, ldaxr: an exclusive monitor "
+                    "a breakpoint would clear) with no store-exclusive between "
+                    "(arch/arm64/kernel/probes/decode-insn.c, is_probed_address_atomic)",
+                    self._counters.get(next(iter(terms)).offset // 8) if single else None))
                 return
             result.audit.append(self._entry(insn.address, DOUBTFUL, "XFRM counter, but no "
                                             "probeable instruction runs once per increment"))
             return
         for probe, via in probes:
-            self._classify_path(code, i, shape, probe, via, parent, offsets, result)
+            self._classify_path(code, i, shape, probe, via, parent, offsets, result,
+                                breakpoint)
 
-    def _kprobe_accepts(self, code: FunctionCode) -> Callable[[int], bool]:
-        """Whether the kernel takes a kprobe on instruction j of ``code``: not an
-        unsteppable mnemonic, nothing the atomic-context rule refuses (_EXCLUSIVE_CLASS)."""
-        def accepts(j: int) -> bool:
-            if not _steppable(code, j):
-                return False
-            insn = code.insns[j]
-            func = self._syms.lookup(insn.address)
-            start = max(func.start if func else insn.address,
-                        insn.address - _ATOMIC_CONTEXT_WORDS * INSN_BYTES)
-            data = self._read(start, insn.address + INSN_BYTES - start)
-            words = array("I", data[:len(data) - len(data) % INSN_BYTES])
-            if not words or _matches(words[-1], _EXCLUSIVE_CLASS):
-                return False
-            for word in reversed(words[:-1]):
-                if _matches(word, _STORE_EX):
-                    return True
-                if _matches(word, _LOAD_EX):
-                    return False
-            return True
-        return accepts
+    def _probe_kind(self, code: FunctionCode, j: int) -> Optional[str]:
+        """How instruction j of ``code`` can be probed: KPROBE when the kernel takes a kprobe
+        there (not an unsteppable mnemonic, nothing its atomic-context rule refuses), else
+        BREAKPOINT when only that rule refuses it and what opened the context holds no
+        exclusive monitor (LSE ``casa``, ``ldar``: a trap there is harmless), else None."""
+        if not _steppable(code, j):
+            return None
+        insn = code.insns[j]
+        func = self._syms.lookup(insn.address)
+        start = max(func.start if func else insn.address,
+                    insn.address - _ATOMIC_CONTEXT_WORDS * INSN_BYTES)
+        data = self._read(start, insn.address + INSN_BYTES - start)
+        words = array("I", data[:len(data) - len(data) % INSN_BYTES])
+        if not words or _matches(words[-1], _EXCLUSIVE_CLASS):
+            return None
+        for word in reversed(words[:-1]):
+            if _matches(word, _STORE_EX):
+                return KPROBE
+            if _matches(word, _LOAD_EX):
+                return None if word & _ORDERED_BIT == 0 else BREAKPOINT
+        return KPROBE
 
     def _classify_path(self, code: FunctionCode, i: int, shape: tuple[str, int, object],
                        probe: int, via: Optional[tuple[int, int]], parent: str,
-                       offsets: dict[int, Optional[int]], result: Resolution) -> None:
+                       offsets: dict[int, Optional[int]], result: Resolution,
+                       breakpoint: bool = False) -> None:
         """The site of the atomic at i on the paths ``via`` selects (None: all), probed at
-        instruction ``probe``."""
+        instruction ``probe`` (``breakpoint``: by a hardware breakpoint, not a kprobe)."""
         address = code.insns[i].address
         address_reg, value_at, value = shape
         terms = code.values(i, address_reg, self._mib_offset, via=via)
@@ -228,13 +246,25 @@ class Arm64SiteResolver(CounterScan):
                                             "register holds the MIB pointer at the probe"))
             return
         mib_reg, bias = mib
+        cpu_reg = _cpu_register(code, probe, self._mib_offset, via) if breakpoint else None
+        if breakpoint and cpu_reg is None:
+            result.audit.append(self._entry(
+                address, UNPROBEABLE, "XFRM counter the kernel refuses to kprobe, and no "
+                "register holds the per-CPU offset where a hardware breakpoint would go (it "
+                "tells a repeated trap from the next increment)", self._counters[index]))
+            return
         at = code.insns[probe]
         site = self._site(at.address, INSN_BYTES, f"{at.mnemonic} {at.op_str}".strip(), index,
-                          parent, offsets.get(probe), mib_reg=mib_reg, mib_bias=bias)
+                          parent, offsets.get(probe), mib_reg=mib_reg, mib_bias=bias,
+                          hw_breakpoint=breakpoint, cpu_reg=cpu_reg)
         result.sites.append(site)
+        probed = f"probed at {site.label} ({mib_reg} = MIB + {bias:#x})"
+        if breakpoint:
+            probed = (f"probed at {site.label} by a hardware breakpoint ({mib_reg} = MIB + "
+                      f"{bias:#x}; kprobes refuse it: within 32 instructions after an LSE casa "
+                      "or ldar, decode-insn.c is_probed_address_atomic)")
         result.audit.append(self._entry(
-            address, XFRM, f"loaded from net->mib.xfrm_statistics; probed at {site.label} "
-            f"({mib_reg} = MIB + {bias:#x})", site.counter))
+            address, XFRM, f"loaded from net->mib.xfrm_statistics; {probed}", site.counter))
 
 
 def _atomic_add(code: FunctionCode, i: int) -> Optional[tuple[str, int, object]]:
@@ -353,6 +383,17 @@ def _steppable(code: FunctionCode, j: int) -> bool:
 
 def _matches(word: int, mask_value: tuple[int, int]) -> bool:
     return word & mask_value[0] == mask_value[1]
+
+
+def _cpu_register(code: FunctionCode, probe: int, mib_offset: int,
+                  via: Optional[tuple[int, int]]) -> Optional[str]:
+    """A register holding exactly this CPU's per-CPU offset before the probe instruction, on
+    every path ``via`` selects."""
+    for n in range(31):
+        reg = f"x{n}"
+        if code.values(probe, reg, mib_offset, via=via) == {Term(cpu=True)}:
+            return reg
+    return None
 
 
 def _mib_register(code: FunctionCode, probe: int, mib_offset: int,

@@ -83,6 +83,12 @@ class Site:
     # Bytes mib_reg holds above net->mib.xfrm_statistics at the probe: arm64 adds the
     # counter's offset before its atomic, x86 keeps it in the instruction's displacement.
     mib_bias: int = 0
+    # arm64: the kernel refuses a kprobe here (an LSE casa came within 32 instructions, see
+    # arm64_sites.py): a hardware execution breakpoint counts it (kernel/breakpoints.py).
+    hw_breakpoint: bool = False
+    # With it: a register holding this CPU's per-CPU offset there (the BPF side reads the
+    # counter's value through it to tell a repeated trap from the next increment).
+    cpu_reg: Optional[str] = None
 
     def holds(self, slots: Iterable[int]) -> bool:
         """True when the site finds every argument in ``slots`` itself (register or stack),

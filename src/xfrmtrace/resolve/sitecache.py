@@ -136,11 +136,13 @@ class SiteCache:
         address = self._address(obj, record, view)
         fields = {k: v for k, v in record.items() if k != "address"}
         known = REGISTER_SLOTS[view.machine]
-        for name in ("mib_reg", "net_reg"):
+        for name in ("mib_reg", "net_reg", "cpu_reg"):
             if fields.get(name) is not None and fields[name] not in known:
                 raise ValueError(f"bad {name} {fields[name]!r}")
         fields["arg_regs"] = _registers(fields.get("arg_regs", ()), known)
         fields["arg_stack"] = _stack_offsets(fields.get("arg_stack", ()))
+        if not isinstance(fields.get("hw_breakpoint", False), bool):
+            raise ValueError(f"bad hw_breakpoint {fields['hw_breakpoint']!r}")
         points = fields.get("records", [])
         if not isinstance(points, list):
             raise ValueError(f"bad record point list {points!r}")

@@ -4,20 +4,25 @@ One program (``xt_site``) is attached at every site and one (``xt_entry``) at
 the record point of every function whose arguments are not all in registers at
 its sites (its entry, or a later point: see argregs.py).  Both identify the
 probe that fired by its address, so no per-attachment cookie is needed
-(kprobe cookies only arrived in Linux 5.15; the matrix starts at 5.10).
+(kprobe cookies only arrived in Linux 5.15; the matrix starts at 5.10).  An arm64
+site the kernel will not kprobe (``Site.hw_breakpoint``) gets a hardware breakpoint
+on every CPU instead, running ``xt_site_bp`` (kernel/breakpoints.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from xfrmtrace.bpf import abi
+from xfrmtrace.bpf.btf import Btf
 from xfrmtrace.bpf.objects import BpfObject, Link, RingBuffer, kprobe_pmu_available
-from xfrmtrace.kernel import arch
+from xfrmtrace.kernel import arch, breakpoints
 from xfrmtrace.resolve.model import REGISTER_SLOTS, FunctionArgs, Site
 
 log = logging.getLogger("xfrmtrace.trace.tracer")
@@ -105,6 +110,7 @@ class Tracer:
         self._sites_expected: dict[str, int] = {}
         self._sites_attached: dict[str, int] = {}
         self._by_address: Optional[bool] = None
+        self._breakpoint_hazard: Optional[str] = None  # why not, once looked at ("": none)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -150,13 +156,45 @@ class Tracer:
                 report.sites_failed.append((site, "site table full"))
                 continue
             try:
-                self._keep(site.object, _attach(site_prog, site.function, site.offset,
-                                                site.address, bool(self._by_address)))
+                if site.hw_breakpoint:
+                    self._attach_breakpoints(site)
+                else:
+                    self._keep(site.object, _attach(site_prog, site.function, site.offset,
+                                                    site.address, bool(self._by_address)))
                 self._sites_attached[site.object] = self._sites_attached.get(site.object, 0) + 1
                 report.sites_attached += 1
             except OSError as err:
                 report.sites_failed.append((site, err.strerror or str(err)))
         return report
+
+    def _attach_breakpoints(self, site: Site) -> None:
+        """A hardware execution breakpoint at the site on every online CPU, all or none
+        (raises OSError with the reason)."""
+        assert self._obj is not None
+        if self._breakpoint_hazard is None:
+            btf = Btf.vmlinux()
+            try:
+                self._breakpoint_hazard = breakpoints.unsupported_reason(btf, self._machine) or ""
+            finally:
+                btf.close()
+        if self._breakpoint_hazard:
+            raise OSError(errno.EOPNOTSUPP, f"no hardware breakpoint: {self._breakpoint_hazard}")
+        prog = self._obj.program("xt_site_bp")
+        made: list[Link] = []
+        try:
+            for cpu in breakpoints.online_cpus():
+                fd = breakpoints.open_execute_breakpoint(site.address, cpu, self._machine)
+                try:
+                    made.append(prog.attach_perf_event(fd, f"breakpoint {site.label} cpu {cpu}"))
+                except OSError:
+                    os.close(fd)  # the link owns it only once attached
+                    raise
+        except OSError:
+            for link in made:
+                link.destroy()
+            raise
+        for link in made:
+            self._keep(site.object, link)
 
     def remove_object(self, obj: str) -> int:
         """Detach every probe in ``obj`` (an unloaded module); returns how many."""
@@ -223,6 +261,7 @@ class Tracer:
             mib_bias=site.mib_bias,
             mib_reg=self._slots[site.mib_reg],
             net_reg=self._slots.get(site.net_reg or "", abi.XT_NO_REG),
+            cpu_reg=self._slots.get(site.cpu_reg or "", abi.XT_NO_REG),
         )
         for slot in range(len(info.arg_reg)):
             info.arg_reg[slot] = self._register_number(site.arg_regs, slot)
