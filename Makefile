@@ -124,13 +124,25 @@ DIST_CONSTRAINTS := dist-requirements.txt
 DIST_PYZ ?= dist/xfrmtrace.pyz
 # Wheels are chosen for the oldest Python we support (3.9): all are py3, so they serve 3.9+.
 DIST_PIP_TARGET := --only-binary=:all: --python-version 3.9 --platform manylinux2014_x86_64
+DIST_ARM64_TARGET := --only-binary=:all: --python-version 3.9 --platform manylinux2014_aarch64
 IMAGE ?= xfrmtrace:$(VERSION)
 # org.opencontainers.image.source (e.g. the repository's URL); more arguments for the build.
 IMAGE_SOURCE ?=
 IMAGE_BUILD_ARGS ?=
+# Several platforms at once, e.g. IMAGE_PLATFORMS=linux/amd64,linux/arm64: one multi-arch
+# image (docker buildx: an OCI archive at IMAGE_OCI, as the docker image store holds one
+# platform only; podman/buildah: a manifest list named IMAGE).  Stages of a platform other
+# than the build machine's run emulated (binfmt_misc with qemu-user, e.g. Debian's
+# qemu-user-binfmt): the builder installs that platform's packages and wheels, and
+# `make bpf` there builds both BPF objects as here.
+IMAGE_PLATFORMS ?=
+IMAGE_OCI ?= dist/xfrmtrace-$(VERSION).oci.tar
 
-# Single file (shiv zipapp): the package with its BPF object, capstone with libcapstone.so,
+# Single file (shiv zipapp): the package with its BPF objects, capstone with libcapstone.so,
 # pyelftools, pyroute2, prometheus-client; needs only python3 >= 3.9 and libbpf1 on the host.
+# It runs on x86-64 and arm64: every package is pure Python but capstone, whose aarch64
+# library (from the same pinned release's aarch64 wheel) goes to capstone/lib/aarch64/, where
+# xfrmtrace/native.py points capstone on an arm64 host.
 # The project's wheel is built from a copy of the sources (no stale build/lib, no clash with
 # a concurrent build), its dependencies are downloaded to a local wheel directory, and the
 # install into the staging site-packages is offline, so nothing but the pins gets in.
@@ -147,7 +159,12 @@ $(DIST_PYZ): $(BPF_OBJS) $(DIST_CONSTRAINTS) setup.cfg pyproject.toml README.md 
 	$(PY) -m pip download -q $(DIST_PIP_TARGET) -d "$$stage/wheels" "$$wheel[metrics]"; \
 	$(PY) -m pip install -q --no-index --find-links "$$stage/wheels" --no-compile \
 		$(DIST_PIP_TARGET) --target "$$stage/site" "xfrmtrace[metrics]==$(VERSION)"; \
-	rm -rf "$$stage/site/bin"; chmod -R u+rwX,go+rX,go-w "$$stage/site"; \
+	rm -rf "$$stage/site/bin"; \
+	$(PY) -m pip download -q $(DIST_ARM64_TARGET) --no-deps -d "$$stage/arm64" capstone; \
+	$(PY) -m zipfile -e "$$stage"/arm64/capstone-*.whl "$$stage/arm64/x"; \
+	mkdir -p "$$stage/site/capstone/lib/aarch64"; \
+	cp "$$stage/arm64/x/capstone/lib/libcapstone.so" "$$stage/site/capstone/lib/aarch64/"; \
+	chmod -R u+rwX,go+rX,go-w "$$stage/site"; \
 	$(VENV)/bin/shiv --reproducible -p '/usr/bin/env python3' -e xfrmtrace.cli:main \
 		--site-packages "$$stage/site" -o "$$stage/xfrmtrace.pyz"; \
 	mv "$$stage/xfrmtrace.pyz" $@
@@ -171,6 +188,22 @@ image:
 	fi; \
 	args="--build-arg SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) --build-arg VERSION=$(VERSION) \
 		--build-arg SOURCE_URL=$(IMAGE_SOURCE) $(IMAGE_BUILD_ARGS)"; \
+	if [ -n "$(IMAGE_PLATFORMS)" ]; then \
+		if [ $$engine = docker ] && ! docker buildx version >/dev/null 2>&1; then \
+			echo "make image: IMAGE_PLATFORMS needs docker buildx (or podman, buildah)" >&2; \
+			exit 1; \
+		fi; \
+		mkdir -p $(dir $(IMAGE_OCI)); \
+		set -x; case $$engine in \
+		docker) docker buildx build $$args --platform $(IMAGE_PLATFORMS) \
+			--output type=oci,dest=$(IMAGE_OCI),name=$(IMAGE),rewrite-timestamp=true . ;; \
+		podman) podman build $$args --timestamp $(SOURCE_DATE_EPOCH) \
+			--platform $(IMAGE_PLATFORMS) --manifest $(IMAGE) . ;; \
+		buildah) buildah bud $$args --timestamp $(SOURCE_DATE_EPOCH) \
+			--platform $(IMAGE_PLATFORMS) --manifest $(IMAGE) . ;; \
+		esac; \
+		exit; \
+	fi; \
 	set -x; case $$engine in \
 	docker) if docker buildx version >/dev/null 2>&1; then \
 			docker buildx build $$args --output type=docker,name=$(IMAGE),rewrite-timestamp=true .; \

@@ -160,6 +160,19 @@ def test_zip_contents(pyz: Path) -> None:
     assert not [n for n in names if n.startswith("site-packages/bin/") or n.endswith(".pyc")]
 
 
+def test_capstone_library_for_each_machine(pyz: Path) -> None:
+    """x86-64's libcapstone.so where capstone looks by default, arm64's where
+    xfrmtrace/native.py points it on an arm64 host (the arm64 VM lab runs this file)."""
+    import zipfile
+
+    em_x86_64, em_aarch64 = 62, 183  # ELF e_machine
+    with zipfile.ZipFile(pyz) as zf:
+        machines = {name: int.from_bytes(zf.read(name)[18:20], "little")
+                    for name in zf.namelist() if name.endswith("/libcapstone.so")}
+    assert machines == {"site-packages/capstone/lib/libcapstone.so": em_x86_64,
+                        "site-packages/capstone/lib/aarch64/libcapstone.so": em_aarch64}
+
+
 def test_packed_distributions_are_exactly_the_pins(pyz: Path) -> None:
     import zipfile
 

@@ -157,6 +157,49 @@ def test_make_image_without_an_engine_says_so_in_one_line(tmp_path: Path) -> Non
     assert proc.stdout == ""
 
 
+def _recording_engine(tmp_path: Path, engine: str, buildx: bool = True) -> Path:
+    """A stub ``engine`` whose ``info`` works and which writes every other command line it
+    gets to ``calls`` (no image is built)."""
+    calls = tmp_path / "calls"
+    script = tmp_path / engine
+    fail_buildx = "" if buildx else 'if [ "$1 $2" = "buildx version" ]; then exit 1; fi\n'
+    script.write_text(f"#!/bin/sh\n{fail_buildx}if [ \"$1\" = info ]; then exit 0; fi\n"
+                      f"echo \"$@\" >> {calls}\n")
+    script.chmod(0o755)
+    return calls
+
+
+def _make_image(tmp_path: Path, *variables: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
+    env["PATH"] = f"{tmp_path}:{env.get('PATH', '/usr/bin:/bin')}"
+    return subprocess.run(["make", "-C", str(REPO), "--no-print-directory", "image",
+                           *variables], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("engine, expected", [
+    ("docker", "--platform linux/amd64,linux/arm64 --output type=oci,dest=dist/x.oci.tar,"),
+    ("podman", "--platform linux/amd64,linux/arm64 --manifest xt:t ."),
+])
+def test_make_image_builds_several_platforms_as_one_image(tmp_path: Path, engine: str,
+                                                          expected: str) -> None:
+    """IMAGE_PLATFORMS gives the engine every platform at once, and one name for all (the
+    engine is a stub here: what is checked is the command make gives it)."""
+    calls = _recording_engine(tmp_path, engine)
+    proc = _make_image(tmp_path, "IMAGE_PLATFORMS=linux/amd64,linux/arm64", "IMAGE=xt:t",
+                       "IMAGE_OCI=dist/x.oci.tar")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [c for c in calls.read_text().splitlines() if "--build-arg" in c]
+    assert expected in line and "--build-arg VERSION=" in line, line
+
+
+def test_make_image_several_platforms_without_buildx_says_so(tmp_path: Path) -> None:
+    calls = _recording_engine(tmp_path, "docker", buildx=False)
+    proc = _make_image(tmp_path, "IMAGE_PLATFORMS=linux/amd64,linux/arm64")
+    assert proc.returncode != 0
+    assert "IMAGE_PLATFORMS needs docker buildx" in proc.stderr
+    assert not calls.exists() or "build " not in calls.read_text()
+
+
 # --- the image, where an engine works --------------------------------------------------------
 
 

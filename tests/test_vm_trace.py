@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import report_line
 from tests.guest import scenarios
+from tests.support import distbuild
 from tests.support.require import not_applicable
 from vmlab.guest import healthy as guest_healthy
 from vmlab.guest import ipsec
@@ -65,8 +66,12 @@ def run(request, tmp_path_factory) -> dict:
                           # A limit no scenario reaches: the rate-limit path runs on every
                           # kernel (the verifier sees it only when it is switched on).
                           "--tool-arg=--rate-limit=100000"])
-    result = vm.run_in_vm(kernel, command, rwdir=rwdir, cwd=REPO, timeout=1500,
-                          env={"PYTHONDONTWRITEBYTECODE": "1"})
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    if kernels.debian_arch(kernel) == "arm64":
+        # arm64 runs the single-file tool (x86 runs it in tests/test_vm_deploy.py): its
+        # aarch64 libcapstone and BPF object are what this lab proves.
+        env.update({guest_tool.PYZ_ENV: str(distbuild.build_zipapp()), "SHIV_ROOT": "/tmp/shiv"})
+    result = vm.run_in_vm(kernel, command, rwdir=rwdir, cwd=REPO, timeout=1500, env=env)
     assert result.ok, result.describe()
     data = json.loads((out / "results.json").read_text())
     audit = out / "audit.json"
@@ -174,6 +179,7 @@ def test_healthy_traffic_runs_no_probe(run: dict, request) -> None:
     for kind, rec in kinds.items():
         assert rec["packets"] >= guest_healthy.PINGS, (kind, rec)
         assert rec["xt_site"]["run_cnt"] == 0, (kind, rec)
+        assert rec.get("xt_site_bp", {}).get("run_cnt", 0) == 0, (kind, rec)
         bound = (guest_healthy.LOOKUP_PROBES * guest_healthy.ROUTE_LOOKUPS[kind]
                  if kind.startswith("esp") else 0)
         assert rec["xt_entry"]["run_cnt"] <= bound, (kind, rec)

@@ -23,6 +23,7 @@ from xfrmtrace import __version__
 from xfrmtrace.bpf.abi import XT_RINGBUF_DEFAULT
 from xfrmtrace.context.xfrmnl.model import FINGERPRINT_SECRET_MIN, KeyPolicy
 from xfrmtrace.errors import InputError, KernelFeatureMissing, XfrmtraceError
+from xfrmtrace.native import use_bundled_capstone
 from xfrmtrace.output.netnslabels import DEFAULT_NETNS_LIMIT
 from xfrmtrace.output.safetext import printable
 
@@ -261,6 +262,7 @@ class _PrintableFormatter(logging.Formatter):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    use_bundled_capstone()  # before the resolver imports capstone (the zipapp on arm64)
     args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(args_list)

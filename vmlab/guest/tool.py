@@ -38,10 +38,20 @@ def fast_capstone_env() -> Dict[str, str]:
     return {**os.environ, "LIBCAPSTONE_PATH": str(dst)}
 
 
+#: Set by the host: run this zipapp (``make dist``) as the tool (the arm64 lab does, so the
+#: single-file tool is what runs on arm64).
+PYZ_ENV = "XFRMTRACE_GUEST_PYZ"
+
+
 def xfrmtrace() -> List[str]:
-    """The command that runs this checkout's tool: the venv's console script (x86 guests
-    see the host's venv), else ``python3 -m xfrmtrace`` (the arm64 guest: no venv, the
-    checkout on PYTHONPATH)."""
+    """The command that runs this checkout's tool: the zipapp named by $XFRMTRACE_GUEST_PYZ,
+    else the venv's console script (x86 guests see the host's venv), else ``python3 -m
+    xfrmtrace`` (no venv, the checkout on PYTHONPATH)."""
+    pyz = os.environ.get(PYZ_ENV)
+    if pyz:
+        # Without the guest's PYTHONPATH (the checkout's src, wheels), which would come
+        # before the zipapp's own packages.
+        return ["env", "-u", "PYTHONPATH", sys.executable, pyz]
     script = Path(sys.executable).parent / "xfrmtrace"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "xfrmtrace"]
 

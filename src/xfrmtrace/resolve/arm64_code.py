@@ -24,6 +24,7 @@ import capstone
 
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import Function
+from xfrmtrace.resolve.cfg import reachable_blocks
 
 INSN_BYTES = 4
 _BLOCK_LIMIT = 256  # (block, register) pairs one backward search may visit
@@ -243,14 +244,7 @@ class FunctionCode:
                 if last.mnemonic == "b" and branch_target(last) in self.index \
                         and self._contiguous(block.last):
                     succs[n].add(self.block_of[block.last + 1])
-        entry = self.block_of[0]
-        reachable = {entry}
-        work = [entry]
-        while work:
-            for succ in succs[work.pop()]:
-                if succ not in reachable:
-                    reachable.add(succ)
-                    work.append(succ)
+        reachable = reachable_blocks(self.block_of[0], succs)
         if any(self.blocks[n].indirect for n in reachable):
             return None
         if not self.knows_static_branches:

@@ -21,6 +21,7 @@ from capstone import x86_const as X86
 
 from xfrmtrace.kernel.jumplabels import LabelIndex
 from xfrmtrace.kernel.kallsyms import Function
+from xfrmtrace.resolve.cfg import reachable_blocks
 from xfrmtrace.resolve.model import OTHER, XFRM
 from xfrmtrace.resolve.x86_registers import CALLER_SAVED, reg64
 
@@ -206,14 +207,7 @@ class FunctionCode:
         if any(block.indirect for block in self.blocks):
             return None
         succs = {n: self._successors(n) for n in range(len(self.blocks))}
-        entry = self.block_of[0]
-        reachable = {entry}
-        work = [entry]
-        while work:
-            for succ in succs[work.pop()]:
-                if succ not in reachable:
-                    reachable.add(succ)
-                    work.append(succ)
+        reachable = reachable_blocks(self.block_of[0], succs)
         if self.jump_labels is None and any(self._is_jump_label_nop(i) for n in reachable
                for i in range(self.blocks[n].first, self.blocks[n].last + 1)):
             return None
