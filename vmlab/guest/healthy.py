@@ -42,6 +42,12 @@ ROUTE_LOOKUPS = {"esp-tcp": 3, "esp6-tcp": 4, "esp-udp": 1, "esp-ping": 2 * PING
                  "plain-tcp": 3, "plain-udp": 1, "plain-ping": 2 * PINGS + 1}
 #: Argument probes a lookup that finds an IPsec policy may run (README "Healthy path").
 LOOKUP_PROBES = 2
+#: Fewest veth packets each kind can have moved (both directions).  A plain TCP skb may
+#: carry up to 64 KiB (GSO/GRO over veth), so 2 MiB can be as few as 32 data packets (85
+#: were seen); ESP's are MTU-sized.  UDP and ping send one packet each.
+MIN_PACKETS = {"esp-tcp": PINGS, "esp6-tcp": PINGS, "esp-udp": UDP_DATAGRAMS,
+               "esp-ping": PINGS, "plain-tcp": TCP_BYTES // (64 << 10),
+               "plain-udp": UDP_DATAGRAMS, "plain-ping": PINGS}
 
 
 def _family(addr: str) -> int:
