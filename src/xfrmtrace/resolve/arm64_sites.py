@@ -167,11 +167,9 @@ class Arm64SiteResolver(CounterScan):
             return
         single = len(terms) == 1
         probes = _probe_points(code, i, single, lambda j: self._probe_kind(code, j) == KPROBE)
-        breakpoint = False
-        if probes is None:
+        if probes is None:  # a hardware breakpoint where no kprobe may go
             probes = _probe_points(code, i, single,
                                    lambda j: self._probe_kind(code, j) is not None)
-            breakpoint = True
         if probes is None:
             if _probe_points(code, i, single, lambda j: _steppable(code, j)) is not None:
                 result.audit.append(self._entry(
@@ -187,7 +185,7 @@ class Arm64SiteResolver(CounterScan):
             return
         for probe, via in probes:
             self._classify_path(code, i, shape, probe, via, parent, offsets, result,
-                                breakpoint)
+                                self._probe_kind(code, probe) == BREAKPOINT)
 
     def _probe_kind(self, code: FunctionCode, j: int) -> Optional[str]:
         """How instruction j of ``code`` can be probed: KPROBE when the kernel takes a kprobe
