@@ -116,6 +116,19 @@ def test_slot_overwritten_on_one_path_is_recorded_where_both_paths_meet(asm):
     assert point == RecordPoint(offset=join, depth=48, registers=("x0", *[None] * 5))
 
 
+def test_no_record_point_where_the_kernel_refuses_a_kprobe(asm):
+    """The same join starting with ``mrs`` (arm64 kprobes refuse it): the record goes on
+    each path before it instead, here the entry on one of them."""
+    a = asm(_frame(f"""  str x0, [sp, #40]
+  cbz x1, 1f
+  str x2, [sp, #40]
+1:
+  mrs x11, tpidr_el1
+  bl g
+{INC}"""))
+    assert _site(a).records == (ENTRY,)
+
+
 def test_address_taken_below_the_slot_leaves_it_untracked(asm):
     """``add x1, sp, #16`` hands a callee the frame from sp + 16 up: the slot at sp + 40
     may be written by it."""

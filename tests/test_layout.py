@@ -16,10 +16,11 @@ PACKAGE = ROOT / "src" / "xfrmtrace"
 
 #: Stages in data-flow order; a module may import its own stage and lower ones only.
 #: ``xfrmtrace`` itself and ``errors`` are below every stage; ``session`` (the pipeline that
-#: wires the stages together), ``cli`` and ``__main__`` are above all of them.
+#: wires the stages together), ``cli``, ``__main__`` and ``native`` (which libcapstone the
+#: command loads, before any stage imports capstone) are above all of them.
 STAGES = ("bpf", "kernel", "resolve", "trace", "decode", "context", "output", "report")
 FOUNDATION = ("xfrmtrace", "xfrmtrace.errors")
-TOP = ("xfrmtrace.session", "xfrmtrace.cli", "xfrmtrace.__main__")
+TOP = ("xfrmtrace.session", "xfrmtrace.cli", "xfrmtrace.__main__", "xfrmtrace.native")
 #: Why an import may be deferred into a function: it must say so in a comment.
 DEFERRED_COMMENT = re.compile(r"#\s*deferred:\s*\S")
 

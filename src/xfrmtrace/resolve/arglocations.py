@@ -32,7 +32,7 @@ spill to slots no C object occupies), and an array element at or above its array
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Callable, Optional, Protocol, Union
 
 from xfrmtrace.bpf.abi import XT_ARG_STACK_MAX
 from xfrmtrace.resolve.model import POINTER_BYTES, RecordPoint
@@ -88,8 +88,12 @@ class FrameFacts:
     #: Recording at the entry: every argument still in its own register.
     ENTRY: RecordPoint
 
-    def __init__(self, code: FunctionCode) -> None:
+    def __init__(self, code: FunctionCode,
+                 probeable: Optional[Callable[[int], bool]] = None) -> None:
+        """``probeable(i)``: the kernel takes a kprobe on instruction i, where a record
+        point may go (None: anywhere, as on x86-64)."""
         self.code = code
+        self._probeable = probeable
         self.frames = code.frame_offsets()
         self.successors = code.sound_successors()
         self.predecessors: dict[int, list[int]] = {n: [] for n in self.successors or {}}
@@ -203,6 +207,8 @@ class FrameFacts:
         insn = self.code.insns[first]
         if first in probed or sp is None or insn.address >= self.code.entry_end:
             return None  # a probe goes at function+offset: not in a .cold part
+        if self._probeable is not None and not self._probeable(first):
+            return None  # arm64: mrs, an exclusive sequence, right after a casa
         state = self._block_in.get(n, {})
         registers = tuple(self._holder(state, slot, needed[slot]) if slot in needed else None
                           for slot in range(len(self.ARGUMENTS)))

@@ -56,15 +56,17 @@ class ArgumentPlan:
 
 def plan_arguments(code, site_indices: list[int], needed: dict[int, int],
                    frame_facts: type[FrameFacts],
-                   invariant_rule: Optional[InvariantRule] = None) -> ArgumentPlan:
+                   invariant_rule: Optional[InvariantRule] = None,
+                   probeable: Optional[Callable[[int], bool]] = None) -> ArgumentPlan:
     """The plan for a function (``code``, as ``frame_facts`` reads it) whose sites are at
     ``site_indices``, needing the argument slots ``needed`` (slot -> bytes of it used);
-    ``invariant_rule``: invariant_registers, where the instruction set has it."""
+    ``invariant_rule``: invariant_registers, where the instruction set has it;
+    ``probeable(i)``: a record probe may go on instruction i (default: any)."""
     count = len(frame_facts.ARGUMENTS)
     invariant = invariant_rule(code, site_indices) if invariant_rule else {}
     registers = tuple(invariant.get(slot) for slot in range(count))
     rest = {slot: size for slot, size in needed.items() if slot not in invariant}
-    facts = frame_facts(code) if rest else None
+    facts = frame_facts(code, probeable) if rest else None
     plan = ArgumentPlan([], ())
     lacking = []  # sites that still read some argument from a recorded frame
     recorded: dict[int, int] = {}  # the argument slots they read from it

@@ -21,7 +21,7 @@ addressed through sp or through x29 once ``mov x29, sp`` made it the frame point
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from xfrmtrace.kernel import arch
 from xfrmtrace.resolve.arglocations import FrameFacts, State, Value
@@ -53,9 +53,10 @@ class Arm64FrameFacts(FrameFacts):
     HOLDERS = HOLDERS
     ENTRY = ENTRY_RECORDS[arch.ARM64]
 
-    def __init__(self, code: FunctionCode) -> None:
+    def __init__(self, code: FunctionCode,
+                 probeable: Optional[Callable[[int], bool]] = None) -> None:
         self.code: FunctionCode = code
-        super().__init__(code)
+        super().__init__(code, probeable)
 
     # --- where frame memory is ----------------------------------------------------------
 

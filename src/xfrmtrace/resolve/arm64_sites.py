@@ -187,6 +187,9 @@ class Arm64SiteResolver(CounterScan):
             self._classify_path(code, i, shape, probe, via, parent, offsets, result,
                                 self._probe_kind(code, probe) == BREAKPOINT)
 
+    def _record_probeable(self, code: FunctionCode) -> Callable[[int], bool]:
+        return lambda j: self._probe_kind(code, j) == KPROBE
+
     def _probe_kind(self, code: FunctionCode, j: int) -> Optional[str]:
         """How instruction j of ``code`` can be probed: KPROBE when the kernel takes a kprobe
         there (not an unsteppable mnemonic, nothing its atomic-context rule refuses), else

@@ -164,10 +164,15 @@ class CounterScan:
         needed = (dict(needs) if isinstance(needs, Mapping)
                   else dict.fromkeys(needs, POINTER_BYTES))
         plan = plan_arguments(code, [code.index[s.address] for s in found], needed,
-                              self._frame_facts, self._invariant_rule)
+                              self._frame_facts, self._invariant_rule,
+                              self._record_probeable(code))
         return [replace(s, arg_regs=where.registers, arg_stack=where.stack,
                         records=plan.records if needed.keys() - where.slots() else ())
                 for s, where in zip(found, plan.sites)]
+
+    def _record_probeable(self, code) -> Optional[Callable[[int], bool]]:
+        """Which instructions of ``code`` a record probe may sit on (None: any)."""
+        return None
 
     def _site(self, address: int, size: int, instruction: str, index: int, parent: str,
               sp: Optional[int], **registers) -> Site:

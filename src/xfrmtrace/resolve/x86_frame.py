@@ -8,7 +8,7 @@ out by ``lea reg, [rsp + X]``; ``mov reg, rsp`` or ``push rsp`` hand out the fra
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from capstone import CS_AC_WRITE
 from capstone import x86_const as X86
@@ -31,10 +31,11 @@ class X86FrameFacts(FrameFacts):
     HOLDERS = HOLDERS
     ENTRY = ENTRY_RECORD
 
-    def __init__(self, code: FunctionCode) -> None:
+    def __init__(self, code: FunctionCode,
+                 probeable: Optional[Callable[[int], bool]] = None) -> None:
         self.frame_pointer = any(insn.mnemonic == "mov" and insn.op_str == "rbp, rsp"
                                  for insn in code.insns)
-        super().__init__(code)
+        super().__init__(code, probeable)
         self.code: FunctionCode = code
 
     # --- where frame memory is ----------------------------------------------------------
