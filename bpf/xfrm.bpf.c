@@ -486,12 +486,13 @@ int xt_entry(struct pt_regs *ctx)
 }
 
 /*
- * One hit of the site at ip: ctx is the program's context (for the stack), regs the
- * registers saved from it, sp the stack pointer there.
+ * One hit of the site at ip (si: its entry in map sites, NULL if none): ctx is the
+ * program's context (for the stack), regs the registers saved from it, sp the stack
+ * pointer there.
  */
-static __always_inline int site_hit(void *ctx, struct saved_regs *regs, __u64 ip, __u64 sp)
+static __always_inline int site_hit(void *ctx, const struct xt_site_info *si,
+				    struct saved_regs *regs, __u64 ip, __u64 sp)
 {
-	struct xt_site_info *si = bpf_map_lookup_elem(&sites, &ip);
 	struct arg_source args = {};
 	struct netns_guess ns = {};
 	struct sk_buff *skb = NULL;
@@ -593,7 +594,10 @@ static __always_inline int site_hit(void *ctx, struct saved_regs *regs, __u64 ip
 SEC("kprobe")
 int xt_site(struct pt_regs *ctx)
 {
-	return site_hit(ctx, save_regs(ctx), probe_address(ctx), PT_REGS_SP(ctx));
+	__u64 ip = probe_address(ctx);
+
+	return site_hit(ctx, bpf_map_lookup_elem(&sites, &ip), save_regs(ctx), ip,
+			PT_REGS_SP(ctx));
 }
 
 #if defined(__TARGET_ARCH_arm64)
@@ -665,6 +669,6 @@ int xt_site_bp(struct bpf_perf_event_data *ctx)
 		stat_inc(XT_STAT_BP_REPEAT);
 		return 0;
 	}
-	return site_hit(ctx, saved, pc, ctx->regs.sp);
+	return site_hit(ctx, si, saved, pc, ctx->regs.sp);
 }
 #endif

@@ -27,7 +27,6 @@ CPUs brought online later get no breakpoint (``online_cpus`` is read once).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Optional
@@ -44,6 +43,9 @@ _PERF_EVENT_OPEN = {arch.ARM64: 241, arch.X86_64: 298}  # syscall numbers
 _ONLINE = "/sys/devices/system/cpu/online"
 #: What makes BPF on a breakpoint unsafe (see above).
 STEP_HAZARD_FIELD = ("perf_event", "orig_overflow_handler")
+# libc's syscall(), from the symbols the interpreter already has (as kernel/nsenter.py does).
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+_syscall.restype = ctypes.c_long
 
 
 class PerfEventAttr(ctypes.Structure):
@@ -102,23 +104,11 @@ def open_execute_breakpoint(address: int, cpu: int, machine: str) -> int:
         raise OSError(errno.ENOSYS, f"perf_event_open: unknown on {machine}")
     # syscall() is variadic: every argument passed as a full register (c_long), so that the
     # kernel's 64-bit flags carry no stale upper half on arm64.
-    fd = _libc().syscall(ctypes.c_long(number), ctypes.byref(attr), ctypes.c_long(-1),
-                         ctypes.c_long(cpu), ctypes.c_long(-1),
-                         ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    fd = _syscall(ctypes.c_long(number), ctypes.byref(attr), ctypes.c_long(-1),
+                  ctypes.c_long(cpu), ctypes.c_long(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
         err = ctypes.get_errno()
         why = ("no free hardware breakpoint register (a debugger, perf or another tracer "
                "holds them)" if err == errno.ENOSPC else os.strerror(err))
         raise OSError(err, f"perf_event_open(breakpoint at {address:#x}, cpu {cpu}): {why}")
     return int(fd)
-
-
-_LIBC: Optional[ctypes.CDLL] = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _LIBC.syscall.restype = ctypes.c_long
-    return _LIBC
