@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--audit", action="store_true",
                        help="list every per-CPU increment (x86-64: gs-relative; arm64: "
                             "atomic add) with how it was classified: xfrm, other, doubtful, "
-                            "or unprobeable (an XFRM counter increment the kernel lets no "
-                            "kprobe count exactly)")
+                            "or unprobeable (an XFRM counter increment neither a kprobe nor a "
+                            "hardware breakpoint can count exactly)")
 
     report = sub.add_parser("report", help="summarise saved JSON logs, across nodes",
                             description="Read logs written by `xfrmtrace --output json` (files, "

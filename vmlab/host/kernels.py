@@ -90,7 +90,7 @@ SERIES = {
     )
 }
 
-#: The kernel matrix: x86-64 oldest first, then arm64 (TCG: the slowest run).
+#: The kernel matrix: x86-64 oldest first, then arm64.
 MATRIX: List[str] = ["5.10", "6.1", "6.12", "sid", "arm64-6.12"]
 
 

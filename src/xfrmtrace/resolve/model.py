@@ -166,8 +166,9 @@ def argument_sources(site: Site, args: Optional[FunctionArgs]) -> dict[str, str]
 XFRM = "xfrm"
 OTHER = "other"
 DOUBTFUL = "doubtful"
-# An XFRM counter increment no kprobe can count exactly on this kernel (arm64: every
-# instruction that runs once per increment is one the kernel refuses to probe).
+# An XFRM counter increment nothing can count exactly on this kernel (arm64: the kernel
+# refuses a kprobe on every instruction that runs once per increment, and an exclusive load
+# before them rules out a hardware breakpoint too).
 UNPROBEABLE = "unprobeable"
 
 
